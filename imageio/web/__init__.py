@@ -1,0 +1,3 @@
+"""
+The HTTP front end: requests, resource trees and response helpers.
+"""

@@ -1,0 +1,96 @@
+# -*- test-case-name: test.test_control -*-
+"""
+C{/tickets/{id}}: the control API used by vdsm (unix socket) and the engine
+(TCP). Only the control service mounts it.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from imageio import errors
+from imageio.web import validate
+from imageio.web.http import (
+    Resource, asyncRender, emptyResponse, jsonBody, readJSON)
+
+__all__ = ["Tickets"]
+
+
+def _ticketId(request) -> str:
+    # "/tickets/(.*)": the id is the rest of the path, slashes included.
+    return "/".join(p.decode("utf-8", "replace") for p in request.postpath)
+
+
+def _reason(e: errors.BadRequest) -> str:
+    return e.message.split(": ", 1)[-1]
+
+
+class Tickets(Resource):
+    """
+    PUT/GET/PATCH/DELETE C{/tickets/{id}} and DELETE C{/tickets/}.
+
+    @ivar store: the L{imageio.tickets.ITicketStore}.
+    @ivar removeTimeout: seconds a DELETE waits for running operations.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, store, removeTimeout: float = 60):
+        super().__init__()
+        self.store = store
+        self.removeTimeout = removeTimeout
+
+    def _requireId(self, request) -> str:
+        ticketId = _ticketId(request)
+        if not ticketId:
+            raise errors.BadRequest("Ticket id is required")
+        return ticketId
+
+    def render_GET(self, request):
+        ticketId = self._requireId(request)
+        ticket = self.store.get(ticketId)
+        return jsonBody(request, ticket.info())
+
+    def render_PUT(self, request):
+        self._requireId(request)
+        try:
+            obj = readJSON(request)
+        except errors.BadRequest as e:
+            raise errors.BadRequest(
+                "Ticket is not in a json format: " + _reason(e))
+        ticket = self.store.add(obj)
+        self._log.info("Ticket {uuid} added: transfer={transfer} ops={ops} "
+                       "size={size} url={url}", uuid=ticket.uuid,
+                       transfer=ticket.transferId, ops=ticket.ops,
+                       size=ticket.size, url=ticket.url)
+        return b""
+
+    def render_PATCH(self, request):
+        ticketId = self._requireId(request)
+        try:
+            obj = readJSON(request)
+        except errors.BadRequest as e:
+            raise errors.BadRequest("Invalid patch: " + _reason(e))
+        validate.requireObject(obj, "patch")
+        timeout = validate.integer(obj, "timeout", minval=0)
+        try:
+            ticket = self.store.get(ticketId)
+        except errors.NotFound:
+            # The reference words this one differently from GET.
+            raise errors.NotFound(f"No such ticket: {ticketId}")
+        ticket.extend(timeout)
+        self._log.info("Ticket {uuid} extended by {timeout} s",
+                       uuid=ticketId, timeout=timeout)
+        return b""
+
+    @asyncRender
+    async def render_DELETE(self, request):
+        ticketId = _ticketId(request)
+        if not ticketId:
+            self.store.clear()
+            self._log.info("All tickets removed")
+        else:
+            await self.store.remove(ticketId, self.removeTimeout)
+            self._log.info("Ticket {uuid} removed", uuid=ticketId)
+        emptyResponse(request, 204)

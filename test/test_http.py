@@ -1,0 +1,248 @@
+"""
+The shared HTTP layer (imageio.web.http): the reference's routing and
+error semantics, driven in memory through a real Site and HTTPChannel.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet import task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from imageio import __version__, errors
+from imageio.web import http as ihttp
+from imageio.web.info import Info
+
+
+class Boom(ihttp.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        raise RuntimeError("secret detail /etc/passwd")
+
+    def render_PUT(self, request):
+        raise errors.Forbidden("You are not allowed to access this resource: "
+                               "No such ticket x")
+
+    def render_PATCH(self, request):
+        raise errors.RangeNotSatisfiable("Requested range out of allowed "
+                                         "range", 100)
+
+
+class Async(ihttp.Resource):
+    isLeaf = True
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+
+    @ihttp.asyncRender
+    async def render_GET(self, request):
+        await task.deferLater(self.clock, 1, lambda: None)
+        return ihttp.jsonBody(request, {"ok": True})
+
+    @ihttp.asyncRender
+    async def render_PUT(self, request):
+        await task.deferLater(self.clock, 1, lambda: None)
+        raise errors.NotFound("gone")
+
+    @ihttp.asyncRender
+    async def render_DELETE(self, request):
+        await task.deferLater(self.clock, 1, lambda: None)
+        raise ValueError("internal")
+
+    @ihttp.asyncRender
+    async def render_PATCH(self, request):
+        await task.deferLater(self.clock, 1, lambda: None)
+        ihttp.emptyResponse(request, 204)
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+@pytest.fixture
+def site(clock):
+    root = ihttp.Root()
+    root.putChild(b"info", Info())
+    root.putChild(b"boom", Boom())
+    root.putChild(b"async", Async(clock))
+    return ihttp.makeSite(root, reactor=clock)
+
+
+class Response:
+    def __init__(self, raw):
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {}
+        for line in lines[1:]:
+            k, v = line.split(":", 1)
+            self.headers[k.strip().lower()] = v.strip()
+
+
+def exchange(site, raw, clock=None, advance=0):
+    proto = site.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(raw)
+    if clock is not None and advance:
+        clock.advance(advance)
+    value = transport.value()
+    proto.connectionLost(Failure(ConnectionDone()))
+    return Response(value), transport
+
+
+def get(site, method, path, headers=b"", body=b"", **kw):
+    raw = (method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers +
+           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return exchange(site, raw, **kw)
+
+
+def test_unknown_method_checked_before_routing(site):
+    resp, _ = get(site, b"FOO", b"/no/such")
+    assert resp.status == 405
+    assert resp.body == b"Invalid method 'FOO'\n"
+    assert resp.headers["content-type"] == "text/plain; charset=UTF-8"
+    assert resp.headers["content-length"] == str(len(resp.body))
+
+
+def test_unknown_path(site):
+    resp, _ = get(site, b"GET", b"/no/such")
+    assert resp.status == 404
+    assert resp.body == b"No handler for '/no/such'\n"
+
+
+def test_unknown_path_percent_decoded(site):
+    resp, _ = get(site, b"PUT", b"/no%20such")
+    assert resp.status == 404
+    assert resp.body == b"No handler for '/no such'\n"
+
+
+def test_root_is_not_a_handler(site):
+    resp, _ = get(site, b"GET", b"/")
+    assert resp.status == 404
+
+
+@pytest.mark.parametrize("path", [b"/info", b"/info/"])
+def test_info(site, path):
+    resp, _ = get(site, b"GET", path)
+    assert resp.status == 200
+    assert json.loads(resp.body) == {"version": __version__}
+    assert resp.body.endswith(b"\n")
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.headers["server"] == f"imageio/{__version__}"
+    assert "date" in resp.headers
+    assert "access-control-allow-origin" not in resp.headers
+
+
+def test_info_cors(site):
+    resp, _ = get(site, b"GET", b"/info/", headers=(
+        b"Origin: https://engine\r\n"
+        b"Access-Control-Request-Headers: content-type\r\n"
+        b"Access-Control-Request-Method: GET\r\n"))
+    assert resp.headers["access-control-allow-origin"] == "*"
+    assert resp.headers["access-control-allow-headers"] == "*"
+    assert resp.headers["access-control-allow-methods"] == "*"
+    assert resp.headers["access-control-max-age"] == "86400"
+
+
+def test_method_not_defined(site):
+    resp, _ = get(site, b"PUT", b"/info/")
+    assert resp.status == 405
+    assert resp.body == b"Method 'PUT' not defined for '/info/'\n"
+
+
+def test_head_not_mapped_to_get(site):
+    # Twisted's HEAD-to-GET fallback must not leak (SPEC A6).
+    resp, _ = get(site, b"HEAD", b"/info/")
+    assert resp.status == 405
+
+
+def test_unexpected_error_hides_details(site):
+    resp, transport = get(site, b"GET", b"/boom")
+    assert resp.status == 500
+    assert resp.body == b"Server failed to perform the request, check logs\n"
+    assert not transport.disconnecting
+
+
+def test_forbidden_closes_connection(site):
+    resp, transport = get(site, b"PUT", b"/boom")
+    assert resp.status == 403
+    assert resp.headers["connection"] == "close"
+    assert transport.disconnecting
+
+
+def test_range_error_header(site):
+    resp, _ = get(site, b"PATCH", b"/boom")
+    assert resp.status == 416
+    assert resp.headers["content-range"] == "bytes */100"
+    assert resp.body == b"Requested range out of allowed range\n"
+
+
+def test_async_ok(site, clock):
+    resp, _ = get(site, b"GET", b"/async", clock=clock, advance=1)
+    assert resp.status == 200
+    assert json.loads(resp.body) == {"ok": True}
+    assert resp.headers["content-length"] == str(len(resp.body))
+
+
+def test_async_http_error(site, clock):
+    resp, _ = get(site, b"PUT", b"/async", clock=clock, advance=1)
+    assert resp.status == 404
+    assert resp.body == b"gone\n"
+
+
+def test_async_unexpected_error(site, clock):
+    resp, _ = get(site, b"DELETE", b"/async", clock=clock, advance=1)
+    assert resp.status == 500
+    assert b"internal" not in resp.body
+
+
+def test_async_empty_reply_has_length(site, clock):
+    resp, _ = get(site, b"PATCH", b"/async", clock=clock, advance=1)
+    assert resp.status == 204
+    assert resp.headers["content-length"] == "0"
+
+
+def test_async_cancelled_when_client_leaves(site, clock):
+    proto = site.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"GET /async HTTP/1.1\r\nHost: x\r\n\r\n")
+    proto.connectionLost(Failure(ConnectionDone()))
+    # The pending deferLater was cancelled: advancing fires nothing.
+    assert clock.getDelayedCalls() == [] or all(
+        not c.active() for c in clock.getDelayedCalls())
+
+
+def test_keep_alive_after_error(site):
+    raw = (b"GET /no/such HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /info/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    proto = site.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(raw)
+    value = transport.value()
+    assert value.count(b"HTTP/1.1 404") == 1
+    assert value.count(b"HTTP/1.1 200") == 1
+    assert not transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+
+
+def test_query_args_last_wins_blank_kept():
+    class R:
+        args = {b"a": [b"1", b"2"], b"b": [b""]}
+    assert ihttp.queryArgs(R()) == {"a": "2", "b": ""}
+
+
+def test_query_args_bad_utf8():
+    class R:
+        args = {b"a": [b"\xff"]}
+    with pytest.raises(errors.BadRequest):
+        ihttp.queryArgs(R())
