@@ -1,0 +1,267 @@
+# -*- test-case-name: test.test_backend_nbd -*-
+"""
+The NBD backend: an image served by an NBD server (usually qemu-nbd).
+
+One backend holds one L{NBDClient} connection. Commands are pipelined, so a
+caller may keep several reads or writes in flight on one backend.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imageio.backends import IBackend
+from imageio.errors import BackendError, UnsupportedOperation
+from imageio.extents import DirtyExtent, ZeroExtent
+from imageio.protocols import nbd
+from imageio.units import GiB, MiB
+
+__all__ = ["open", "NBDBackend"]
+
+DEFAULT_MAX_CONNECTIONS = 8
+DEFAULT_BUFFER_SIZE = 8 * MiB
+
+# Block status is asked for in steps of this size, which bounds the number
+# of extents held at once for a fragmented image (as the reference does).
+MAX_STATUS_STEP = 2 * GiB
+
+# Internal extent flags: base:allocation's HOLE and ZERO bits as they are,
+# plus a bit each for "dirty" (bitmap bit 0) and "backing" (allocation
+# depth 0), so extents of different contexts merge on one integer.
+_HOLE = nbd.STATE_HOLE
+_ZERO = nbd.STATE_ZERO
+_DIRTY = 1 << 2
+_BACKING = 1 << 3
+
+
+def open(reactor, url: str, *, mode: str, sparse: bool = False,
+         dirty: bool = False, config=None) -> defer.Deferred[NBDBackend]:
+    """
+    Connect to the NBD export C{url} names.
+
+    @param mode: C{"r"} (read only) or C{"r+"} (read write; C{"w"} is
+        accepted as write only).
+    @param sparse: zero deallocates space (no C{NO_HOLE} flag).
+    @param dirty: negotiate the export's dirty bitmap, needed by
+        C{extents("dirty")}.
+    @param config: the daemon config (C{daemon.max_connections},
+        C{backend_nbd.buffer_size}), or L{None} for the defaults.
+    @return: L{Deferred} firing with an L{NBDBackend}, or failing with
+        L{BackendError}.
+    """
+    if mode not in ("r", "r+", "w"):
+        return defer.fail(ValueError(f"Unsupported mode {mode!r}"))
+    if config is None:
+        maxConnections = DEFAULT_MAX_CONNECTIONS
+        bufferSize = DEFAULT_BUFFER_SIZE
+    else:
+        maxConnections = config.daemon.max_connections
+        bufferSize = config.backend_nbd.buffer_size
+
+    def connected(client):
+        return NBDBackend(client, mode=mode, sparse=sparse, dirty=dirty,
+                          maxConnections=maxConnections,
+                          bufferSize=bufferSize)
+
+    def failed(f):
+        if f.check(BackendError):
+            return f
+        raise BackendError(
+            f"Cannot open NBD backend {url}: {f.getErrorMessage()}"
+        ) from f.value
+
+    d = defer.maybeDeferred(nbd.connect, reactor, url, dirty=dirty)
+    d.addCallbacks(connected, failed)
+    return d
+
+
+def _wrap(what: str):
+    """
+    An errback turning NBD failures into L{BackendError}.
+    """
+    def errback(f: Failure):
+        if f.check(nbd.NBDError):
+            raise BackendError(f"NBD {what} failed: {f.getErrorMessage()}") \
+                from f.value
+        return f
+    return errback
+
+
+def _overlay(a: list, b: list):
+    """
+    Combine two extent lists that describe the same range with different
+    flag bits.
+
+    @param a: C{[(length, flags), ...]}.
+    @param b: the same shape; flags must not share bits with C{a}'s.
+    @return: a list of C{(length, flags_a | flags_b)}, cut wherever either
+        list has a boundary, ending where the shorter list ends.
+    """
+    out = []
+    i = j = 0
+    la = lb = 0
+    fa = fb = 0
+    while True:
+        if la == 0:
+            if i == len(a):
+                break
+            la, fa = a[i]
+            i += 1
+        if lb == 0:
+            if j == len(b):
+                break
+            lb, fb = b[j]
+            j += 1
+        n = min(la, lb)
+        out.append((n, fa | fb))
+        la -= n
+        lb -= n
+    return out
+
+
+@implementer(IBackend)
+class NBDBackend:
+    """
+    An L{IBackend} over one NBD connection.
+
+    @ivar _client: the L{nbd.NBDClient}, or L{None} once closed.
+    """
+
+    _log = Logger()
+    name = "nbd"
+
+    def __init__(self, client: nbd.NBDClient, *, mode: str = "r",
+                 sparse: bool = False, dirty: bool = False,
+                 maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+                 bufferSize: int = DEFAULT_BUFFER_SIZE):
+        self._client = client
+        self._mode = mode
+        self._sparse = sparse
+        self._dirty = dirty
+        self._closed: defer.Deferred[None] | None = None
+        self.blockSize = client.minimumBlockSize
+        self.maxReaders = maxConnections
+        self.maxWriters = maxConnections
+        self.maxRequest = min(client.maximumBlockSize, bufferSize)
+        self._size = client.exportSize
+
+    @property
+    def client(self) -> nbd.NBDClient:
+        """
+        The underlying L{nbd.NBDClient}.
+        """
+        return self._client
+
+    def size(self) -> int:
+        return self._size
+
+    def _check(self, op: str, write: bool = False):
+        if self._closed is not None:
+            raise BackendError(f"Backend closed: {op}")
+        if write and self._mode == "r":
+            raise BackendError(f"Unsupported operation: {op}")
+        if not write and self._mode == "w":
+            raise BackendError(f"Unsupported operation: {op}")
+
+    def read(self, offset: int, length: int) -> defer.Deferred:
+        try:
+            self._check("read")
+        except BackendError:
+            return defer.fail()
+        length = max(0, min(length, self._size - offset))
+        if length == 0:
+            return defer.succeed(b"")
+        return self._client.read(offset, length).addErrback(_wrap("read"))
+
+    def write(self, offset: int, data) -> defer.Deferred[None]:
+        try:
+            self._check("write", write=True)
+        except BackendError:
+            return defer.fail()
+        return self._client.write(offset, data).addErrback(_wrap("write"))
+
+    def zero(self, offset: int, length: int) -> defer.Deferred[None]:
+        try:
+            self._check("zero", write=True)
+            if not self._client.canZero:
+                raise BackendError("NBD server does not support zero")
+        except BackendError:
+            return defer.fail()
+        d = self._client.zero(offset, length, noHole=not self._sparse)
+        return d.addErrback(_wrap("zero"))
+
+    def flush(self) -> defer.Deferred[None]:
+        if self._closed is not None:
+            return defer.fail(BackendError("Backend closed: flush"))
+        return self._client.flush().addErrback(_wrap("flush"))
+
+    def extents(self, context: str = "zero") -> defer.Deferred[list]:
+        try:
+            if context not in ("zero", "dirty"):
+                raise UnsupportedOperation(
+                    f"Backend nbd does not support {context} extents")
+            if context == "dirty" and (not self._dirty
+                                       or self._client.dirtyBitmap is None):
+                raise UnsupportedOperation(
+                    f"NBD export {self._client.exportName!r} does not "
+                    f"support dirty extents")
+            if self._closed is not None:
+                raise BackendError("Backend closed: extents")
+        except BackendError:
+            return defer.fail()
+        if context == "zero" and not self._client.hasBaseAllocation:
+            return defer.succeed([ZeroExtent(0, self._size, False, False)])
+        d = defer.ensureDeferred(self._extents(context == "dirty"))
+        return d.addErrback(_wrap("block status"))
+
+    async def _extents(self, dirty: bool) -> list:
+        client = self._client
+        end = self._size
+        offset = 0
+        merged: list[list[int]] = []   # [start, length, flags]
+        while offset < end:
+            step = min(end - offset, MAX_STATUS_STEP)
+            reply = await client.blockStatus(offset, step)
+            base = reply.get(nbd.BASE_ALLOCATION)
+            if dirty:
+                marks = [(n, _DIRTY if f & nbd.STATE_DIRTY else 0)
+                         for n, f in reply.get(client.dirtyBitmap, ())]
+                extents = _overlay(base, marks) if base is not None else marks
+            elif nbd.ALLOCATION_DEPTH in reply and base is not None:
+                depth = [(n, _BACKING if f == 0 else 0)
+                         for n, f in reply[nbd.ALLOCATION_DEPTH]]
+                extents = _overlay(base, depth)
+            else:
+                extents = base or []
+            if not extents:
+                raise nbd.NBDProtocolError(
+                    f"Block status reply without the needed contexts: "
+                    f"{sorted(reply)}")
+            for length, flags in extents:
+                # The last extent may reach past the range asked for.
+                length = min(length, end - offset)
+                if merged and merged[-1][2] == flags:
+                    merged[-1][1] += length
+                else:
+                    merged.append([offset, length, flags])
+                offset += length
+                if offset == end:
+                    # Ignore anything a non-compliant server sends beyond.
+                    break
+        if dirty:
+            return [DirtyExtent(s, n, bool(f & _DIRTY), bool(f & _ZERO))
+                    for s, n, f in merged]
+        return [ZeroExtent(s, n, bool(f & _ZERO), bool(f & _BACKING))
+                for s, n, f in merged]
+
+    def close(self) -> defer.Deferred[None]:
+        if self._closed is None:
+            self._closed = self._client.close()
+        # Every caller gets its own Deferred firing when the connection is
+        # gone.
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closed.addBoth(lambda result: (d.callback(None), result)[1])
+        return d

@@ -1,0 +1,3 @@
+"""
+Twisted protocol implementations used by the daemon and the client.
+"""
