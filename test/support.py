@@ -169,13 +169,14 @@ class Daemon:
     lines.
     """
 
-    def __init__(self, confDir, args=(), env=None, timeout=30):
+    def __init__(self, confDir, args=(), env=None, timeout=30, twistd=None):
         self.confDir = confDir
         self.lines = []
         self.addresses = {}
         self._ready = threading.Event()
         self._exited = threading.Event()
-        cmd = [os.path.join(BIN, "twistd"), "--pidfile=", "-n", "imageio",
+        cmd = [twistd or os.path.join(BIN, "twistd"), "--pidfile=", "-n",
+               "imageio",
                "--conf-dir", confDir, *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,0 +1,455 @@
+# -*- test-case-name: test.test_daemon -*-
+"""
+The daemon's services: one L{MultiService} with a listener per service
+(remote, local, control), the ticket store, and the I/O thread pool.
+
+Listeners bind in C{privilegedStartService}, so that privileges can be
+dropped right after (SPEC B §6: bind, then drop, then serve).
+"""
+
+from __future__ import annotations
+
+import ast
+import grp
+import os
+import pwd
+import socket
+import sys
+import uuid
+
+from OpenSSL import crypto
+from twisted.application import service
+from twisted.internet import defer, endpoints, ssl
+from twisted.logger import (
+    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+    globalLogPublisher, textFileLogObserver)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from imageio import tickets
+from imageio.web.http import Root, makeSite
+from imageio.web.info import Info
+from imageio.web.tickets import Tickets
+
+__all__ = ["ImageioService", "StartupError", "configureLogging",
+           "tlsOptions", "bindAddress"]
+
+_log = Logger()
+
+LISTEN_BACKLOG = 40
+
+
+class StartupError(Exception):
+    """
+    The daemon cannot start; the message says why, for the operator.
+    """
+
+
+def bindAddress(host: str, port: int, preferIPv4: bool = False):
+    """
+    Resolve where a TCP service binds, as the reference does: C{""} means
+    IPv4 any, IPv6 link-local results are dropped, and with C{preferIPv4}
+    IPv4 results come first.
+
+    @return: C{(family, address)}.
+    """
+    if host == "":
+        host = "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(f"cannot resolve {host!r}: {e.strerror}")
+    results = []
+    for family, _, _, _, sockaddr in infos:
+        if family == socket.AF_INET6 and sockaddr[0].lower().startswith(
+                "fe80:"):
+            continue
+        if family in (socket.AF_INET, socket.AF_INET6):
+            results.append((family, sockaddr[0]))
+    if not results:
+        raise StartupError(f"no usable address for {host!r}")
+    if preferIPv4:
+        results.sort(key=lambda r: r[0] != socket.AF_INET)
+    return results[0]
+
+
+def _tcpEndpoint(reactor, host, port, preferIPv4=False):
+    family, address = bindAddress(host, port, preferIPv4)
+    if family == socket.AF_INET6:
+        return endpoints.TCP6ServerEndpoint(
+            reactor, port, backlog=LISTEN_BACKLOG, interface=address)
+    return endpoints.TCP4ServerEndpoint(
+        reactor, port, backlog=LISTEN_BACKLOG, interface=address)
+
+
+def _unixEndpoint(reactor, path, mode=0o666):
+    if not path.startswith("\0"):
+        # A stale pathname socket from an earlier run would make bind fail.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    # lockfile (wantPID) cannot work for abstract names (TWISTED-NOTES §3).
+    return endpoints.UNIXServerEndpoint(
+        reactor, path, backlog=LISTEN_BACKLOG, mode=mode, wantPID=False)
+
+
+def _readPEM(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise StartupError(f"cannot read TLS {what} {path!r}: {e.strerror}")
+
+
+def tlsOptions(tls):
+    """
+    Server TLS options from the C{[tls]} section: minimum TLS 1.2, or 1.1
+    with C{enable_tls1_1}; never TLS 1.0 (SPEC A3).
+
+    @raise StartupError: the key or certificate is missing or unreadable.
+    """
+    if not tls.key_file or not tls.cert_file:
+        raise StartupError(
+            "TLS is enabled, but [tls] key_file or cert_file is not set")
+    keyPEM = _readPEM(tls.key_file, "key file")
+    certPEM = _readPEM(tls.cert_file, "certificate file")
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
+    except crypto.Error:
+        raise StartupError(f"invalid TLS key file {tls.key_file!r}")
+    certs = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for part in certPEM.split(marker)[1:]:
+        try:
+            certs.append(crypto.load_certificate(crypto.FILETYPE_PEM,
+                                                 marker + part))
+        except crypto.Error:
+            raise StartupError(
+                f"invalid TLS certificate file {tls.cert_file!r}")
+    if not certs:
+        raise StartupError(
+            f"no certificate in TLS certificate file {tls.cert_file!r}")
+    kw = {}
+    if tls.enable_tls1_1:
+        kw["insecurelyLowerMinimumTo"] = ssl.TLSVersion.TLSv1_1
+    else:
+        kw["raiseMinimumTo"] = ssl.TLSVersion.TLSv1_2
+    try:
+        opts = ssl.CertificateOptions(
+            privateKey=key.to_cryptography_key(),
+            certificate=certs[0].to_cryptography(),
+            extraCertChain=[c.to_cryptography() for c in certs[1:]] or None,
+            **kw)
+        ctx = opts.getContext()
+    except Exception as e:
+        raise StartupError(f"invalid TLS configuration: {e}")
+    if tls.enable_tls1_1:
+        # OpenSSL's security level refuses TLS 1.1 even when the minimum
+        # version allows it; CertificateOptions drops @SECLEVEL from its
+        # cipher strings, so set it on the (cached) context itself.
+        ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    return opts
+
+
+class _Listener(service.Service):
+    """
+    One service's listening socket. Binds in C{privilegedStartService}
+    and fails synchronously, so startup errors stop the daemon at once.
+
+    @ivar port: the L{IListeningPort}, once bound.
+    """
+
+    port = None
+
+    def __init__(self, name, endpoint, factory, mode=None):
+        self.setName(name)
+        self.endpoint = endpoint
+        self.factory = factory
+        self.mode = mode
+
+    def _listen(self):
+        results = []
+        self.endpoint.listen(self.factory).addBoth(results.append)
+        if not results:
+            raise StartupError(f"{self.name}: listening did not complete")
+        if isinstance(results[0], Failure):
+            raise StartupError(
+                f"cannot listen for the {self.name} service: "
+                f"{results[0].getErrorMessage()}")
+        self.port = results[0]
+        _log.info("{name} service listening on {address}", name=self.name,
+                  address=self.address())
+
+    def address(self) -> str:
+        host = self.port.getHost()
+        if hasattr(host, "port"):
+            if ":" in host.host:
+                return f"[{host.host}]:{host.port}"
+            return f"{host.host}:{host.port}"
+        name = host.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return name.replace("\0", "@") if name.startswith("\0") else name
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        if self.port is None:
+            self._listen()
+
+    def startService(self):
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+
+
+class _ThreadPoolService(service.Service):
+    """
+    Runs the bounded thread pool for blocking file I/O and hashing.
+    """
+
+    def __init__(self, pool):
+        self.setName("threadpool")
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class ImageioService(service.MultiService):
+    """
+    The whole daemon.
+
+    @ivar config: the L{imageio.config.Config} (with a random local socket
+        name filled in when the configured one is empty).
+    @ivar store: the L{tickets.TicketStore}.
+    @ivar threadpool: the I/O L{ThreadPool}.
+    """
+
+    def __init__(self, cfg, *, reactor, initialTicket=None):
+        super().__init__()
+        self.reactor = reactor
+        if cfg.local.enable and cfg.local.socket == "":
+            # The reference binds a random abstract name and reports it.
+            cfg = cfg.replace("local", socket=f"\0{uuid.uuid4()}")
+        self.config = cfg
+        self.initialTicket = initialTicket
+        self.clock = tickets.MonotonicClock(reactor)
+        self.store = tickets.TicketStore(
+            self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
+        self.threadpool = ThreadPool(
+            minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
+            name="imageio-io")
+        _ThreadPoolService(self.threadpool).setServiceParent(self)
+
+        self._addRemote()
+        if cfg.local.enable:
+            self._addLocal()
+        if cfg.control.enable:
+            self._addControl()
+
+    def _imagesResource(self):
+        from imageio.web.images import Images
+        return Images(self.store, self.config, self.reactor, self.threadpool)
+
+    def _imagesSite(self, withInfo):
+        from imageio.web.request import ImageioChannel, StreamingRequest
+        root = Root()
+        root.putChild(b"images", self._imagesResource())
+        if withInfo:
+            root.putChild(b"info", Info())
+        return makeSite(root, reactor=self.reactor,
+                        requestFactory=StreamingRequest,
+                        channelFactory=ImageioChannel,
+                        timeout=60)
+
+    def _addRemote(self):
+        cfg = self.config
+        site = self._imagesSite(withInfo=True)
+        factory = site
+        if cfg.tls.enable:
+            factory = TLSMemoryBIOFactory(tlsOptions(cfg.tls), False, site)
+        endpoint = _tcpEndpoint(self.reactor, cfg.remote.host,
+                                cfg.remote.port)
+        _Listener("remote", endpoint, factory).setServiceParent(self)
+
+    def _addLocal(self):
+        site = self._imagesSite(withInfo=False)
+        endpoint = _unixEndpoint(self.reactor, self.config.local.socket)
+        _Listener("local", endpoint, site).setServiceParent(self)
+
+    def _addControl(self):
+        cfg = self.config
+        root = Root()
+        root.putChild(b"tickets", Tickets(
+            self.store, removeTimeout=cfg.control.remove_timeout))
+        site = makeSite(root, reactor=self.reactor, timeout=60)
+        if cfg.control.transport == "tcp":
+            endpoint = _tcpEndpoint(self.reactor, "localhost",
+                                    cfg.control.port,
+                                    preferIPv4=cfg.control.prefer_ipv4)
+        else:
+            endpoint = _unixEndpoint(self.reactor, cfg.control.socket,
+                                     mode=0o660)
+        _Listener("control", endpoint, site).setServiceParent(self)
+
+    def listener(self, name):
+        """
+        @return: the bound L{IListeningPort} of service C{name}.
+        """
+        return self.getServiceNamed(name).port
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+            if os.geteuid() == 0 and self.config.daemon.drop_privileges:
+                self._dropPrivileges()
+        except StartupError as e:
+            # twistd would print a traceback; the operator needs one line.
+            _log.critical("Cannot start: {error}", error=e)
+            sys.stderr.write(f"imageio: {e}\n")
+            raise SystemExit(1)
+
+    def startService(self):
+        super().startService()
+        if self.initialTicket is not None:
+            ticket = self.store.add(self.initialTicket)
+            _log.info("Installed ticket {uuid} from --ticket",
+                      uuid=ticket.uuid)
+        if self.config.daemon.systemd_enable:
+            _notifySystemd(b"READY=1")
+        _log.info("imageio ready")
+
+    def _dropPrivileges(self):
+        cfg = self.config.daemon
+        try:
+            user = pwd.getpwnam(cfg.user_name)
+        except KeyError:
+            raise StartupError(
+                f"cannot drop privileges: no user {cfg.user_name!r} "
+                "([daemon] user_name)")
+        try:
+            group = grp.getgrnam(cfg.group_name)
+        except KeyError:
+            raise StartupError(
+                f"cannot drop privileges: no group {cfg.group_name!r} "
+                "([daemon] group_name)")
+        paths = [cfg.run_dir]
+        if (self.config.control.enable
+                and self.config.control.transport == "unix"):
+            paths.append(self.config.control.socket)
+        paths.extend(_logFiles(self.config))
+        for path in paths:
+            try:
+                os.chown(path, user.pw_uid, group.gr_gid)
+            except FileNotFoundError:
+                pass
+        os.initgroups(cfg.user_name, group.gr_gid)
+        os.setgid(group.gr_gid)
+        os.setuid(user.pw_uid)
+        _log.info("Dropped privileges to {user}:{group}",
+                  user=cfg.user_name, group=cfg.group_name)
+
+
+def _notifySystemd(message: bytes) -> None:
+    """
+    Tell systemd (Type=notify) about our state, if it is listening.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(message)
+    except OSError as e:
+        _log.warn("Cannot notify systemd: {error}", error=e)
+
+
+# Logging: the reference configures Python logging from the INI sections;
+# we honour the same sections with twisted.logger observers.
+
+_LEVELS = {
+    "DEBUG": LogLevel.debug, "INFO": LogLevel.info,
+    "WARNING": LogLevel.warn, "WARN": LogLevel.warn,
+    "ERROR": LogLevel.error, "CRITICAL": LogLevel.critical,
+}
+
+
+def _rootHandlers(cfg):
+    names = [n.strip() for n in cfg.logger_root.handlers.split(",")]
+    return [n for n in names if n]
+
+
+def _handlerSection(cfg, name):
+    return getattr(cfg, "handler_" + name, None)
+
+
+def _handlerClass(section) -> str:
+    for attr in ("keyword__class", "class_", "klass"):
+        if hasattr(section, attr):
+            return getattr(section, attr)
+    return ""
+
+
+def _handlerFile(section):
+    """
+    The log file a file handler section names, or None.
+    """
+    if "FileHandler" not in _handlerClass(section):
+        return None
+    try:
+        args = ast.literal_eval(section.args)
+    except (ValueError, SyntaxError):
+        return None
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _logFiles(cfg):
+    files = []
+    for name in _rootHandlers(cfg):
+        section = _handlerSection(cfg, name)
+        if section is not None:
+            path = _handlerFile(section)
+            if path:
+                files.append(path)
+    return files
+
+
+def configureLogging(cfg, publisher=globalLogPublisher):
+    """
+    Add log observers for the handlers C{[logger_root]} names: a file
+    handler writes to its file; a stream handler is left to twistd, which
+    already logs to stdout/stderr (or its own log file). The root level
+    filters what we add.
+    """
+    level = _LEVELS.get(cfg.logger_root.level.upper(), LogLevel.info)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    for path in _logFiles(cfg):
+        directory = os.path.dirname(path)
+        try:
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise StartupError(f"cannot open log file {path!r}: "
+                               f"{e.strerror}")
+        publisher.addObserver(FilteringLogObserver(
+            textFileLogObserver(f), [predicate]))

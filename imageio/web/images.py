@@ -1,0 +1,673 @@
+# -*- test-case-name: test.test_images -*-
+"""
+C{/images}: the data API of the remote and local services.
+
+  - C{/images/{id}}: GET (Range), HEAD, PUT (streamed body), PATCH (zero,
+    flush), OPTIONS (also C{/images/*})
+  - C{/images/{id}/extents}: GET
+  - C{/images/{id}/checksum}: GET
+  - C{/images/{id}/checksum/algorithms}: GET, no ticket needed
+
+Any other path below C{/images/} is 404 (SPEC A4). Validation order, status
+codes and error texts follow the reference (SPEC B §1.3-§1.8, §1.14);
+checks that run before authorization do so here too.
+
+Every request that reads or writes image data runs as a ticket operation
+(L{imageio.tickets.Operation}): it counts in the ticket's C{transferred},
+stops at the next chunk when the ticket is canceled, and touches the ticket
+when it ends. Extents requests do not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from imageio import backends, blkhash, errors, transfer
+from imageio.units import MiB
+from imageio.web import validate
+from imageio.web.request import finishIfConnected
+from imageio.web.http import (
+    Resource, asyncRender, closeAfterResponse, cors, emptyResponse,
+    jsonBody, queryArgs, readJSON, requestPath)
+
+__all__ = ["Images", "parseRange", "parseContentRange"]
+
+BASE_FEATURES = ["checksum", "extents"]
+ALL_FEATURES = BASE_FEATURES + ["flush", "zero"]
+
+# The reference zeroes in steps of at most 128 MiB, checking for cancel
+# between steps (some storage times out on larger requests).
+MAX_ZERO_STEP = 128 * MiB
+
+MIN_BLOCK_SIZE = blkhash.BLOCK_SIZE // 4
+MAX_BLOCK_SIZE = blkhash.BLOCK_SIZE * 4
+
+# Extents lists longer than this are encoded in the thread pool.
+_BIG_EXTENTS = 10000
+
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+|\*)/([0-9]+|\*)")
+
+
+def _header(request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _unsatisfiable(message: str) -> errors.HTTPError:
+    # The reference sends no content-range with these 416s.
+    return errors.HTTPError(message, code=416)
+
+
+def parseRange(value: str | None):
+    """
+    Parse a C{Range} header: C{bytes=F-L} or C{bytes=F-}; case-sensitive,
+    no spaces, a single range.
+
+    @return: C{None} (no header), or C{(first, last)} with C{last} C{None}
+        for an open range.
+    @raise errors.HTTPError: 416 with the reference's texts, for anything
+        else, including a suffix range C{bytes=-N}.
+    """
+    if value is None:
+        return None
+    m = _RANGE.fullmatch(value)
+    if m is None:
+        raise _unsatisfiable(
+            f"Cannot satisfy range {value!r}, invalid range or multiple "
+            f"ranges")
+    first, last = m.groups()
+    if not first:
+        if not last:
+            raise _unsatisfiable(
+                f"Cannot satisfy range {value!r}, no first or last")
+        raise _unsatisfiable("suffix-byte-range-spec not supported yet")
+    first = int(first)
+    if not last:
+        return (first, None)
+    last = int(last)
+    if first > last:
+        raise _unsatisfiable(
+            f"Cannot satisfy range {value!r}, first > last")
+    return (first, last)
+
+
+def parseContentRange(value: str | None) -> int:
+    """
+    Parse a PUT's C{Content-Range} (C{bytes F-L/C}, L and C may be C{*}).
+    Only the start is used; the length always comes from the body.
+
+    @return: the first byte, 0 without the header.
+    @raise errors.BadRequest: with the reference's texts.
+    """
+    if value is None:
+        return 0
+    m = _CONTENT_RANGE.fullmatch(value)
+    if m is None:
+        raise errors.BadRequest(f"Invalid Content-Range {value!r}")
+    first, last, complete = m.groups()
+    first = int(first)
+    if last != "*":
+        last = int(last)
+        if last < first:
+            raise errors.BadRequest(
+                f"Invalid Content-Range {value!r}, first > last")
+        if complete != "*" and last >= int(complete):
+            raise errors.BadRequest(
+                f"Invalid Content-Range {value!r}, last >= complete")
+    return first
+
+
+def _allowedRange(offset: int, size: int, ticket) -> None:
+    if offset + size > ticket.size:
+        raise errors.RangeNotSatisfiable(
+            "Requested range out of allowed range", ticket.size)
+
+
+class _Upload:
+    """
+    The state of one streamed PUT, created by L{_Image.startBody} and used
+    by L{_Image.render_PUT}.
+
+    It is the request's sink: the body goes to an L{transfer.UploadSink};
+    a sink failure while the body still arrives is answered early through
+    C{request.bodyFailed}.
+    """
+
+    def __init__(self, request, ticket, operation, backend, offset: int,
+                 limit: int, flush: bool):
+        self.ticket = ticket
+        self.operation = operation
+        self.flush = flush
+        self.sink = transfer.UploadSink(
+            backend, offset, limit=limit, operation=operation,
+            producer=request.transport)
+        self.sink.whenDone().addErrback(
+            lambda f: request.bodyFailed(self._translate(f)))
+
+    def _translate(self, failure):
+        if failure.check(transfer.LimitExceeded):
+            return errors.RangeNotSatisfiable(
+                "Requested range out of allowed range", self.ticket.size)
+        return failure
+
+    # Sink interface for StreamingRequest.
+
+    def write(self, data) -> None:
+        self.sink.write(data)
+
+    def finish(self) -> None:
+        self.sink.finish()
+
+    def abort(self, reason) -> None:
+        # The request will not be rendered: end the operation here, once
+        # no write is in flight any more.
+        self.sink.abort(reason)
+        self.sink.whenDone().addBoth(lambda _: self.operation.finish())
+
+    async def wait(self) -> int:
+        try:
+            return await self.sink.whenDone()
+        except transfer.LimitExceeded:
+            raise self._translate(None) from None
+
+
+class _Handler(Resource):
+    """
+    Base of the resources below C{/images/{id}}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, images: Images):
+        super().__init__()
+        self.images = images
+
+    def ticketId(self, request) -> str:
+        return request.postpath[0].decode("utf-8", "replace")
+
+    def requireId(self, request) -> str:
+        ticketId = self.ticketId(request)
+        if not ticketId:
+            raise errors.BadRequest("Ticket id is required")
+        return ticketId
+
+
+class _Image(_Handler):
+    """
+    C{/images/{id}}.
+    """
+
+    _log = Logger()
+
+    # GET and HEAD
+
+    @asyncRender
+    async def render_GET(self, request):
+        return await self._read(request, head=False)
+
+    @asyncRender
+    async def render_HEAD(self, request):
+        return await self._read(request, head=True)
+
+    async def _read(self, request, head: bool):
+        cors(request)
+        ticketId = self.requireId(request)
+        args = queryArgs(request)
+        if args.get("close") == "y":
+            closeAfterResponse(request)
+        rng = parseRange(_header(request, b"range"))
+        ticket = self.images.store.authorize(ticketId, "read")
+        backend = await self.images.backendFor(request, ticket)
+
+        available = min(ticket.size, backend.size())
+        if rng is not None and rng[1] is not None:
+            offset = rng[0]
+            size = rng[1] - offset + 1
+            _allowedRange(offset, size, ticket)
+            if offset + size > available:
+                raise errors.RangeNotSatisfiable(
+                    f"Requested more bytes than available: "
+                    f"{offset + size} > {available}", available)
+        else:
+            offset = rng[0] if rng is not None else 0
+            size = available - offset
+            if size < 0:
+                # The reference answers with a negative length here.
+                raise errors.RangeNotSatisfiable(
+                    f"Requested more bytes than available: "
+                    f"{offset} > {available}", available)
+
+        disposition = "attachment"
+        if ticket.filename:
+            disposition += f"; filename={ticket.filename}"
+        request.setHeader(b"content-length", b"%d" % size)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-disposition",
+                          disposition.encode("utf-8"))
+        request.setHeader(b"accept-ranges", b"bytes")
+        if rng is not None:
+            request.setResponseCode(206)
+            request.setHeader(
+                b"content-range",
+                b"bytes %d-%d/%d" % (offset, offset + size - 1, ticket.size))
+
+        if head:
+            request.write(b"")
+            finishIfConnected(request)
+            return None
+
+        self._log.debug("READ size={size} offset={offset} transfer={tid}",
+                        size=size, offset=offset, tid=ticket.transferId)
+        op = ticket.startOperation(offset, size)
+        try:
+            producer = transfer.DownloadProducer(
+                backend, request, offset, size, operation=op)
+            await producer.start()
+        except transfer.ProducerStopped:
+            # The client went away; nobody to answer.
+            return None
+        finally:
+            op.finish()
+        finishIfConnected(request)
+        return None
+
+    # PUT: the body streams through startBody; render_PUT answers.
+
+    def startBody(self, request, length):
+        """
+        Decide about a PUT body from its headers (called by
+        L{imageio.web.request.StreamingRequest.gotLength}).
+
+        @return: the sink for the body.
+        @raise errors.HTTPError: the request is refused.
+        """
+        cors(request)
+        ticketId = self.requireId(request)
+        args = queryArgs(request)
+        if args.get("close") == "y":
+            closeAfterResponse(request)
+        if length is None:
+            chunked = True
+        else:
+            chunked = False
+            if request.getHeader(b"content-length") is None:
+                # Twisted reports 0 for a request with neither header.
+                raise errors.BadRequest("Content-Length header is required")
+        offset = parseContentRange(_header(request, b"content-range"))
+        flush = validate.enum(args, "flush", ("y", "n"), default="y") == "y"
+        ticket = self.images.store.authorize(ticketId, "write")
+        if chunked:
+            if offset > ticket.size:
+                raise errors.RangeNotSatisfiable(
+                    "Requested range out of allowed range", ticket.size)
+            limit = ticket.size - offset
+        else:
+            _allowedRange(offset, length, ticket)
+            limit = length
+        self._log.debug(
+            "WRITE size={size} offset={offset} flush={flush} "
+            "transfer={tid}", size="chunked" if chunked else length,
+            offset=offset, flush=flush, tid=ticket.transferId)
+        backend = self.images.backendFor(request, ticket)
+        op = ticket.startOperation(offset, limit)
+        return _Upload(request, ticket, op, backend, offset, limit, flush)
+
+    @asyncRender
+    async def render_PUT(self, request):
+        upload = getattr(request, "streamSink", None)
+        if not isinstance(upload, _Upload):
+            # Only reachable with a request factory that does not stream.
+            raise errors.InternalError(
+                "Streaming request factory is required for PUT")
+        try:
+            await upload.wait()
+            if upload.flush:
+                await upload.sink.backend.flush()
+        finally:
+            upload.operation.finish()
+        # Canceled while the last bytes were written: the reference answers
+        # 403 and closes the connection.
+        upload.operation.check()
+        emptyResponse(request)
+        return None
+
+    # PATCH
+
+    @asyncRender
+    async def render_PATCH(self, request):
+        ticketId = self.requireId(request)
+        msg = validate.requireObject(readJSON(request))
+        op = validate.enum(msg, "op", ("zero", "flush"))
+        if op == "zero":
+            await self._zero(request, ticketId, msg)
+        else:
+            await self._flush(request, ticketId)
+        emptyResponse(request)
+        return None
+
+    async def _zero(self, request, ticketId, msg) -> None:
+        size = validate.integer(msg, "size", minval=0)
+        offset = validate.integer(msg, "offset", minval=0, default=0)
+        flush = validate.boolean(msg, "flush", default=False)
+        ticket = self.images.store.authorize(ticketId, "write")
+        backend = await self.images.backendFor(request, ticket)
+        _allowedRange(offset, size, ticket)
+        self._log.debug("ZERO size={size} offset={offset} flush={flush} "
+                        "transfer={tid}", size=size, offset=offset,
+                        flush=flush, tid=ticket.transferId)
+        op = ticket.startOperation(offset, size)
+        try:
+            pos, end = offset, offset + size
+            while pos < end:
+                op.check()
+                step = min(end - pos, MAX_ZERO_STEP)
+                await backend.zero(pos, step)
+                op.progress(step)
+                pos += step
+            if flush:
+                await backend.flush()
+        finally:
+            op.finish()
+        op.check()
+
+    async def _flush(self, request, ticketId) -> None:
+        ticket = self.images.store.authorize(ticketId, "write")
+        backend = await self.images.backendFor(request, ticket)
+        self._log.info("FLUSH transfer={tid}", tid=ticket.transferId)
+        op = ticket.startOperation(0, 0)
+        try:
+            await backend.flush()
+        finally:
+            op.finish()
+        op.check()
+
+    # OPTIONS
+
+    @asyncRender
+    async def render_OPTIONS(self, request):
+        cors(request, b"OPTIONS,GET,PUT")
+        ticketId = self.requireId(request)
+        options = {}
+        config = self.images.config
+        if config.local.enable:
+            options["unix_socket"] = self.images.localSocket()
+        if ticketId == "*":
+            allow = ["OPTIONS", "GET", "HEAD", "PUT", "PATCH"]
+            options["features"] = ALL_FEATURES
+        else:
+            ticket = self.images.store.authorize(ticketId, "read")
+            backend = await self.images.backendFor(request, ticket)
+            # Asking for a ticket's options is client activity.
+            ticket.touch()
+            allow = ["OPTIONS", "GET", "HEAD"]
+            options["features"] = BASE_FEATURES
+            if ticket.may("write"):
+                allow += ["PUT", "PATCH"]
+                options["features"] = ALL_FEATURES
+            options["max_readers"] = backend.maxReaders
+            options["max_writers"] = backend.maxWriters
+        request.setHeader(b"allow", ",".join(allow).encode("ascii"))
+        return jsonBody(request, options)
+
+
+class _Extents(_Handler):
+    """
+    C{/images/{id}/extents[?context=zero|dirty][&start=N][&length=N]}.
+    """
+
+    _log = Logger()
+
+    @asyncRender
+    async def render_GET(self, request):
+        ticketId = self.requireId(request)
+        ticket = self.images.store.authorize(ticketId, "read")
+        backend = await self.images.backendFor(request, ticket)
+        args = queryArgs(request)
+        context = validate.enum(args, "context", ("zero", "dirty"),
+                                default="zero")
+        if context == "dirty" and not ticket.dirty:
+            raise errors.NotFound("Ticket does not support dirty extents")
+        start = _nonNegative(args, "start")
+        length = _nonNegative(args, "length")
+        self._log.info("EXTENTS transfer={tid} context={context}",
+                       tid=ticket.transferId, context=context)
+        extents = await backend.extents(context)
+        if start is not None or length is not None:
+            extents = _clip(extents, start or 0, length)
+        if len(extents) > _BIG_EXTENTS:
+            # Encoding a million extents takes seconds: not in the reactor.
+            body = await deferToThreadPool(
+                self.images.reactor, self.images.threadpool, _encodeExtents,
+                extents)
+            request.setHeader(b"content-type", b"application/json")
+            return body
+        return jsonBody(request, [e.toDict() for e in extents])
+
+
+def _encodeExtents(extents) -> bytes:
+    return (json.dumps([e.toDict() for e in extents]) + "\n").encode("utf-8")
+
+
+def _nonNegative(args: dict, name: str) -> int | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or not value.isascii():
+        raise errors.BadRequest(f"Invalid {name}: {value!r}")
+    return int(value)
+
+
+def _clip(extents, start: int, length: int | None):
+    """
+    The part of C{extents} inside C{[start, start + length)}.
+    """
+    end = None if length is None else start + length
+    result = []
+    for e in extents:
+        if e.end <= start:
+            continue
+        if end is not None and e.start >= end:
+            break
+        first = max(e.start, start)
+        last = e.end if end is None else min(e.end, end)
+        if first == e.start and last == e.end:
+            result.append(e)
+        else:
+            result.append(type(e)(**{**e.__dict__, "start": first,
+                                     "length": last - first}))
+    return result
+
+
+class _Checksum(_Handler):
+    """
+    C{/images/{id}/checksum[?algorithm=A][&block_size=N]}.
+    """
+
+    _log = Logger()
+
+    @asyncRender
+    async def render_GET(self, request):
+        ticketId = self.requireId(request)
+        args = queryArgs(request)
+        algorithm = validate.enum(args, "algorithm", blkhash.ALGORITHMS,
+                                  default=blkhash.ALGORITHM)
+        raw = args.get("block_size")
+        try:
+            blockSize = blkhash.BLOCK_SIZE if raw is None else int(raw)
+        except ValueError:
+            raise errors.BadRequest(f"Invalid block size: {raw!r}")
+        if not MIN_BLOCK_SIZE <= blockSize <= MAX_BLOCK_SIZE:
+            raise errors.BadRequest(
+                f"Block size out of allowed range: "
+                f"{MIN_BLOCK_SIZE}-{MAX_BLOCK_SIZE}")
+        if blockSize % 4096:
+            raise errors.BadRequest("Block size is not aligned to 4096")
+        try:
+            ticket = self.images.store.authorize(ticketId, "read")
+        except errors.Forbidden as e:
+            # The reference keeps the connection open here.
+            raise errors.Forbidden(e.message, close=False) from None
+        backend = await self.images.backendFor(request, ticket)
+        self._log.info(
+            "CHECKSUM transfer={tid} algorithm={algorithm} "
+            "block_size={blockSize}", tid=ticket.transferId,
+            algorithm=algorithm, blockSize=blockSize)
+        size = backend.size()
+        op = ticket.startOperation(0, size)
+        try:
+            result = await self._compute(backend, op, algorithm, blockSize,
+                                         size)
+        finally:
+            op.finish()
+        op.check()
+        return jsonBody(request, result)
+
+    async def _compute(self, backend, op, algorithm, blockSize, size):
+        images = self.images
+        hasher = blkhash.Hasher(algorithm, blockSize)
+
+        def inThread(f, *args):
+            return deferToThreadPool(images.reactor, images.threadpool, f,
+                                     *args)
+
+        extents = await backend.extents("zero")
+        readSize = min(blockSize, getattr(backend, "maxRequest", blockSize)
+                       or blockSize)
+        # Hash one chunk in the pool while the next one is read.
+        hashing = defer.succeed(None)
+        for extent in extents:
+            start = extent.start
+            end = min(extent.end, size)
+            if start >= end:
+                continue
+            if extent.zero:
+                await hashing
+                op.check()
+                hashing = inThread(hasher.zero, end - start)
+                op.progress(end - start)
+                continue
+            pos = start
+            while pos < end:
+                op.check()
+                n = min(readSize, end - pos)
+                data = await backend.read(pos, n)
+                if len(data) < n:
+                    raise errors.PartialContent(n, len(data))
+                await hashing
+                hashing = inThread(hasher.update, data)
+                op.progress(n)
+                pos += n
+        await hashing
+        if hasher.position < size:
+            # Extents not covering the image: the rest reads as zeroes.
+            await inThread(hasher.zero, size - hasher.position)
+        return hasher.result()
+
+
+class _Algorithms(_Handler):
+    """
+    C{/images/{id}/checksum/algorithms}: no ticket needed.
+    """
+
+    def render_GET(self, request):
+        return jsonBody(request, {"algorithms": list(blkhash.ALGORITHMS)})
+
+
+class Images(Resource):
+    """
+    The C{/images} resource; mount it as C{root.putChild(b"images", ...)}.
+
+    @ivar store: the L{imageio.tickets.ITicketStore}.
+    @ivar config: the daemon L{imageio.config.Config}.
+    @ivar reactor: the reactor.
+    @ivar threadpool: the started L{ThreadPool} for blocking work (file
+        I/O, hashing, large JSON documents).
+    """
+
+    isLeaf = True
+
+    def __init__(self, store, config, reactor, threadpool, *,
+                 openBackend=backends.open, localSocket=None):
+        """
+        @param openBackend: opens a ticket's backend; called as
+            C{openBackend(reactor, url, mode=, sparse=, dirty=, config=,
+            threadpool=)} and returning a L{Deferred} of an C{IBackend}
+            (tests pass one returning memory backends).
+        @param localSocket: a callable returning the local service's socket
+            name for OPTIONS, when it is known only once bound (a random
+            abstract name); by default C{config.local.socket}.
+        """
+        super().__init__()
+        self.store = store
+        self.config = config
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self._openBackend = openBackend
+        self._localSocket = localSocket
+        self._image = _Image(self)
+        self._extents = _Extents(self)
+        self._checksum = _Checksum(self)
+        self._algorithms = _Algorithms(self)
+
+    def localSocket(self) -> str:
+        if self._localSocket is not None:
+            return self._localSocket()
+        return self.config.local.socket
+
+    def _handlerFor(self, request):
+        path = request.postpath
+        if len(path) == 1:
+            return self._image
+        if len(path) == 2 and path[1] == b"extents":
+            return self._extents
+        if len(path) == 2 and path[1] == b"checksum":
+            return self._checksum
+        if len(path) == 3 and path[1:] == [b"checksum", b"algorithms"]:
+            return self._algorithms
+        raise errors.NotFound(f"No handler for {requestPath(request)!r}")
+
+    def render(self, request):
+        return self._handlerFor(request).render(request)
+
+    def startBody(self, request, length):
+        """
+        Route a PUT body (see L{imageio.web.request.StreamingRequest}).
+        """
+        try:
+            handler = self._handlerFor(request)
+        except errors.NotFound:
+            return None
+        start = getattr(handler, "startBody", None)
+        return None if start is None else start(request, length)
+
+    def backendFor(self, request, ticket) -> defer.Deferred:
+        """
+        The backend of C{ticket} for the request's connection: opened once
+        per (connection, ticket) and kept by the connection.
+        """
+        def opener():
+            return self._openBackend(
+                self.reactor, ticket.url,
+                mode="r+" if ticket.may("write") else "r",
+                sparse=ticket.sparse, dirty=ticket.dirty, config=self.config,
+                threadpool=self.threadpool)
+
+        channel = request.channel
+        backendFor = getattr(channel, "backendFor", None)
+        if backendFor is not None:
+            return backendFor(ticket, opener)
+        # A channel that does not keep backends: open one for this request.
+        d = defer.maybeDeferred(opener)
+
+        def opened(backend):
+            request.notifyFinish().addBoth(
+                lambda _: defer.maybeDeferred(backend.close))
+            return backend
+        return d.addCallback(opened)
+

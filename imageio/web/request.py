@@ -1,0 +1,463 @@
+# -*- test-case-name: test.test_request -*-
+"""
+The channel and request classes of the images services (remote and local).
+
+L{StreamingRequest} streams request bodies into a sink while they arrive,
+with backpressure, instead of Twisted's default of spooling them to a
+temporary file and rendering only at the end (TWISTED-NOTES §1). The
+routing and authorization decision for a body is made in L{gotLength},
+from the request line and the headers, and never writes a response there
+(the channel sends C{100 Continue} right after it returns).
+
+L{ImageioChannel} owns what the reference keeps per (connection, ticket):
+the open backend, bound to the ticket so that a cancel closes it, and the
+idle timeout, which becomes the ticket's C{inactivity_timeout} once bound.
+
+This module is the only one touching private Twisted attributes. Each use
+names the Twisted version it was checked against and the test in
+C{test/test_request.py} that fails if a Twisted upgrade changes it.
+"""
+
+from __future__ import annotations
+
+import io
+from urllib.parse import parse_qs
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.web import http, server
+
+from imageio import errors
+from imageio.units import KiB, MiB
+from imageio.web.http import SERVER, Request, errorResponse
+
+__all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
+           "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "finishIfConnected"]
+
+MAX_BUFFERED_BODY = 64 * KiB
+"""
+The largest request body kept in memory for non-streaming requests (PATCH
+JSON messages and the like are a few hundred bytes). Larger bodies are
+refused with 413 before they are read.
+"""
+
+RECEIVE_SIZE = 1 * MiB
+"""
+Socket read size while a body streams (Twisted's default is 64 KiB; 1 MiB
+reads nearly double upload throughput, TWISTED-NOTES §1).
+"""
+
+
+class PayloadTooLarge(errors.HTTPError):
+    """
+    A body too large for a request that buffers it.
+    """
+    code = 413
+    close = True
+
+
+class BackendContext:
+    """
+    The backend one connection opened for one ticket.
+
+    Bound to the ticket (C{ticket.bind}), so a ticket cancel closes it;
+    closed by the channel when the connection closes.
+
+    @ivar ticket: the L{imageio.tickets.Ticket}.
+    @ivar backend: the L{imageio.backends.IBackend}, once opened.
+    @ivar closed: L{close} was called.
+    """
+
+    _log = Logger()
+
+    def __init__(self, channel: ImageioChannel, ticket):
+        self._channel = channel
+        self.ticket = ticket
+        self.backend = None
+        self.closed = False
+        self._waiting: list[defer.Deferred] = []
+
+    def ready(self) -> defer.Deferred:
+        """
+        @return: L{Deferred} firing with the backend once it is open.
+        """
+        if self.backend is not None:
+            return defer.succeed(self.backend)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _opened(self, backend) -> None:
+        if self.closed:
+            # Canceled or disconnected while opening.
+            self._closeBackend(backend)
+            self._fire(Failure(errors.Forbidden(
+                "You are not allowed to access this resource: Transfer "
+                f"{self.ticket.transferId} was canceled")))
+            return
+        try:
+            self.ticket.bind(self)
+        except Exception:
+            self._channel._forget(self)
+            self.closed = True
+            self._closeBackend(backend)
+            self._fire(Failure())
+            return
+        self.backend = backend
+        self._channel.setIdleTimeout(self.ticket.inactivityTimeout)
+        self._fire(backend)
+
+    def _openFailed(self, failure: Failure) -> None:
+        # Not cached: the next request tries again (as the reference).
+        self._channel._forget(self)
+        self.closed = True
+        self._fire(failure)
+
+    def _fire(self, result) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _closeBackend(self, backend) -> defer.Deferred:
+        d = defer.maybeDeferred(backend.close)
+        d.addErrback(lambda f: self._log.failure(
+            "Closing backend of transfer {transfer} failed", f,
+            transfer=self.ticket.transferId))
+        return d
+
+    def close(self) -> defer.Deferred:
+        """
+        Unbind from the ticket and close the backend (the ticket calls this
+        on cancel, the channel when the connection closes). Idempotent.
+
+        @return: L{Deferred} firing when the backend is closed.
+        """
+        if self.closed:
+            return defer.succeed(None)
+        self.closed = True
+        self._channel._forget(self)
+        self.ticket.unbind(self)
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return defer.succeed(None)
+        return self._closeBackend(backend)
+
+
+class ImageioChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection of the images services.
+
+    @ivar _contexts: L{BackendContext} by ticket uuid.
+    @ivar _discarding: input is dropped (an early error response was sent
+        while a body was still arriving).
+    @ivar _lost: the connection is gone.
+    """
+
+    _log = Logger()
+
+    LINGER = 5
+    """
+    Seconds a connection refusing a request body keeps reading (and
+    dropping) the body after the error response, before it is closed.
+    """
+
+    _lingering = None
+
+    def __init__(self):
+        super().__init__()
+        self._contexts: dict[str, BackendContext] = {}
+        self._discarding = False
+        self._lost = False
+
+    # Input.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        super().dataReceived(data)
+
+    def loseConnection(self):
+        if not self._discarding or self._lost or self.transport is None:
+            return super().loseConnection()
+        # Lingering close. The client may still be sending the body we
+        # refused; closing a socket with unread input makes the kernel send
+        # a reset, which can destroy our response before the client reads
+        # it. So end our side only (FIN after the response; a TLS
+        # connection sends close_notify and waits for the peer's), keep
+        # dropping input, and close for good after LINGER seconds.
+        # Twisted 26.10: what HTTPChannel.loseConnection does first.
+        # Guarded by test_request.test_networkProducer.
+        self._networkProducer.unregisterProducer()
+        transport = self.transport
+        halfClose = getattr(transport, "loseWriteConnection", None)
+        if halfClose is not None and not isinstance(
+                transport, TLSMemoryBIOProtocol):
+            halfClose()
+        else:
+            transport.loseConnection()
+        self._lingering = self.callLater(self.LINGER, self._endLinger)
+
+    def _endLinger(self) -> None:
+        self._lingering = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def discardInput(self) -> None:
+        """
+        Drop everything the client sends from now on: the parser is in the
+        middle of a body we refused, and the connection will close once
+        the error response is sent.
+        """
+        self._discarding = True
+
+    # Per-ticket backends.
+
+    def backendFor(self, ticket, opener) -> defer.Deferred:
+        """
+        The backend this connection uses for C{ticket}, opened with
+        C{opener()} (returning an L{IBackend} or a L{Deferred} of one) on
+        first use and bound to the ticket.
+
+        @return: L{Deferred} firing with the backend; failing with the
+            opener's error (not cached: the next request tries again) or
+            with L{errors.Forbidden} if the ticket was canceled meanwhile.
+        """
+        ctx = self._contexts.get(ticket.uuid)
+        if ctx is not None and ctx.ticket is not ticket:
+            # The ticket was replaced (PUT /tickets with the same uuid).
+            ctx.close()
+            ctx = None
+        if ctx is not None:
+            return ctx.ready()
+        if self._lost:
+            return defer.fail(errors.HTTPError("Connection lost"))
+        ctx = BackendContext(self, ticket)
+        self._contexts[ticket.uuid] = ctx
+        d = ctx.ready()
+        defer.maybeDeferred(opener).addCallbacks(ctx._opened, ctx._openFailed)
+        return d
+
+    def _forget(self, ctx: BackendContext) -> None:
+        if self._contexts.get(ctx.ticket.uuid) is ctx:
+            del self._contexts[ctx.ticket.uuid]
+
+    def setIdleTimeout(self, seconds) -> None:
+        """
+        Make C{seconds} the idle timeout of this connection, now if it is
+        idle or receiving a body, else once the current response is done.
+        """
+        # Twisted 26.10: HTTPChannel.allContentReceived stores the idle
+        # timeout in _savedTimeOut and disables it while a request is
+        # handled (_handlingRequest); requestDone restores it.
+        # Guarded by test_request.test_savedTimeOut.
+        if self._handlingRequest:
+            self._savedTimeOut = seconds
+        else:
+            self.setTimeout(seconds)
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        super().connectionLost(reason)
+        for ctx in list(self._contexts.values()):
+            ctx.close()
+
+
+def finishIfConnected(request) -> None:
+    """
+    Finish C{request} unless its client went away or it is finished.
+    """
+    # Twisted 26.10: http.Request._disconnected is set by connectionLost
+    # (finish() then raises). Guarded by
+    # test_request.test_request_disconnected.
+    if not request._disconnected and not request.finished:
+        request.finish()
+
+
+def _queryArgs(uri: bytes) -> dict:
+    parts = uri.split(b"?", 1)
+    return parse_qs(parts[1], 1) if len(parts) > 1 else {}
+
+
+class StreamingRequest(Request):
+    """
+    A request whose body may stream into a sink as it arrives.
+
+    In L{gotLength} a C{PUT} is routed through the site's resource tree; a
+    resource with a C{startBody(request, length)} method may return a
+    I{sink} (C{write(bytes)}, C{finish()}, C{abort(reason)}) that receives
+    the body. It may also raise an L{errors.HTTPError}: the error is
+    answered once the body was read, or early (and the connection closed)
+    if the body is still arriving on the next reactor turn. Every other
+    request buffers its body in memory, up to L{MAX_BUFFERED_BODY} bytes.
+
+    A sink that fails while the body arrives calls L{bodyFailed}; the error
+    is answered early in the same way. When the whole body arrived, the
+    request is processed as usual and the resource's C{render_PUT} answers
+    (L{streamSink} is the sink).
+
+    @ivar streamSink: the sink receiving the body, or C{None}.
+    @ivar streamError: an error decided before the body was read, or
+        C{None}.
+    @ivar bodyComplete: the whole body arrived.
+    @ivar _discardBody: drop further body bytes.
+    @ivar _bodySize: bytes of a buffered body received so far.
+    @ivar _early: the delayed call answering early, or C{None}.
+    """
+
+    streamSink = None
+    streamError = None
+    bodyComplete = False
+    maxBufferedBody = MAX_BUFFERED_BODY
+    _discardBody = False
+    _bodySize = 0
+    _early = None
+
+    def gotLength(self, length):
+        self.content = io.BytesIO()
+        # Twisted 26.10: the request line is only on the channel until
+        # allContentReceived (HTTPChannel._command, _path, _version).
+        # HTTP/2 streams have none: getattr keeps them on the buffered path.
+        # Guarded by test_request.test_requestLine.
+        command = getattr(self.channel, "_command", None)
+        path = getattr(self.channel, "_path", None)
+        version = getattr(self.channel, "_version", None)
+        if path is not None:
+            # Valid request attributes: an early response needs them (the
+            # status line uses clientproto, logs use method and uri).
+            self.method, self.uri, self.clientproto = command, path, version
+            self.path = path.split(b"?", 1)[0]
+            self.args = _queryArgs(path)
+        if command == b"PUT" and path is not None:
+            try:
+                sink = self._routeBody(length)
+            except Exception:
+                self._refuseBody(Failure())
+                return
+            if sink is not None:
+                self.streamSink = sink
+                self._growReceiveSize()
+                return
+        if length is not None and length > self.maxBufferedBody:
+            self._refuseBody(Failure(PayloadTooLarge(
+                f"Request body too large: {length} > "
+                f"{self.maxBufferedBody}")))
+
+    def _routeBody(self, length):
+        site = self.channel.site
+        self.prepath = []
+        self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))
+        resrc = site.getResourceFor(self)
+        start = getattr(resrc, "startBody", None)
+        if start is None:
+            return None
+        return start(self, length)
+
+    def _growReceiveSize(self) -> None:
+        transport = self.channel.transport
+        # A TLS connection's transport is the TLSMemoryBIOProtocol; the
+        # socket is below it. bufferSize is the recv size of Twisted's
+        # FileDescriptor (abstract.py); it persists for the connection.
+        # Guarded by test_request.test_bufferSize.
+        transport = getattr(transport, "transport", None) or transport
+        if hasattr(transport, "bufferSize"):
+            transport.bufferSize = max(transport.bufferSize, RECEIVE_SIZE)
+
+    def handleContentChunk(self, data):
+        if self._discardBody:
+            return
+        if self.streamSink is not None:
+            self.streamSink.write(data)
+            return
+        self._bodySize += len(data)
+        if self._bodySize > self.maxBufferedBody:
+            self._refuseBody(Failure(PayloadTooLarge(
+                f"Request body too large: more than "
+                f"{self.maxBufferedBody} bytes")))
+            return
+        self.content.write(data)
+
+    def bodyFailed(self, reason) -> None:
+        """
+        The sink cannot take the body: answer with C{reason} now if the
+        body is still arriving (closing the connection). Once the whole
+        body arrived the resource's renderer answers, and this does
+        nothing.
+        """
+        if self.bodyComplete:
+            return
+        self._refuseBody(reason if isinstance(reason, Failure)
+                         else Failure(reason))
+
+    def _refuseBody(self, reason: Failure) -> None:
+        if self.streamError is None:
+            self.streamError = reason
+        self._discardBody = True
+        sink, self.streamSink = self.streamSink, None
+        if sink is not None and not self.bodyComplete:
+            sink.abort(reason)
+        if (self.bodyComplete or self._early is not None
+                or self.channel is None):
+            return
+        # Never answer from inside the parser (gotLength or
+        # handleContentChunk): the channel would write 100 Continue after
+        # our response, or index its empty request list when the body ends
+        # in the same read (TWISTED-NOTES §1).
+        reactor = getattr(self.channel.site, "reactor", None)
+        if reactor is None:
+            from twisted.internet import reactor
+        self._early = reactor.callLater(0, self._respondEarly)
+
+    def _respondEarly(self) -> None:
+        self._early = None
+        if self._disconnected or self.finished or self.channel is None:
+            return
+        channel = self.channel
+        channel.discardInput()
+        channel.persistent = False
+        transport = channel.transport
+        if transport is not None:
+            # We may have paused it for backpressure; the response must go
+            # out and the close be seen.
+            transport.resumeProducing()
+        self.site = channel.site
+        self.setHeader(b"server", SERVER)
+        self.setHeader(b"date", http.datetimeToString())
+        self.setHeader(b"connection", b"close")
+        errorResponse(self, self.streamError)
+
+    def requestReceived(self, command, path, version):
+        self.bodyComplete = True
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
+        if self.streamSink is not None:
+            self.streamSink.finish()
+        super().requestReceived(command, path, version)
+
+    def process(self):
+        if self.streamError is not None:
+            self.site = self.channel.site
+            self.setHeader(b"server", SERVER)
+            self.setHeader(b"date", http.datetimeToString())
+            errorResponse(self, self.streamError)
+            return
+        super().process()
+
+    def connectionLost(self, reason):
+        if self._early is not None:
+            self._early.cancel()
+            self._early = None
+        sink, self.streamSink = self.streamSink, None
+        if sink is not None and not self.bodyComplete:
+            sink.abort(reason)
+        elif sink is not None:
+            self.streamSink = sink
+        super().connectionLost(reason)
