@@ -16,8 +16,10 @@ sys.path.insert(0, REPO)
 
 from test.support import makePKI, writeConf  # noqa: E402
 
-DEV = os.path.join(REPO, "dev")
+# Overridable so that the test suite can run this script as printed.
+DEV = os.environ.get("IMAGEIO_DEV_DIR", os.path.join(REPO, "dev"))
 PORT = int(os.environ.get("IMAGEIO_PORT", "54322"))
+LOCAL = os.environ.get("IMAGEIO_LOCAL_SOCKET", "/org/tximageio/dev")
 TICKET = "sample"
 MiB = 1 << 20
 
@@ -55,7 +57,7 @@ def main():
                 "cert_file": os.path.join(pkiDir, "cert.pem"),
                 "ca_file": ca},
         "remote": {"host": "::", "port": PORT},
-        "local": {"enable": True, "socket": "@/org/tximageio/dev"},
+        "local": {"enable": True, "socket": "@" + LOCAL},
         "control": {"transport": "unix", "socket": control},
         "logger_root": {"level": "INFO", "handlers": "stderr"},
         "handlers": {"keys": "stderr"},
@@ -68,6 +70,7 @@ def main():
                    "filename": "sample.raw", "sparse": True}, f)
 
     url = f"https://localhost:{PORT}"
+    imageioctl = os.path.join(os.path.dirname(sys.executable), "imageioctl")
     print(f"""
 tximageio development daemon
   conf dir : {conf}
@@ -85,11 +88,11 @@ Try, in another shell:
   curl --cacert {ca} -X PUT -H 'Content-Range: bytes 0-4/*' --data-binary hello {url}/images/{TICKET}
   curl --cacert {ca} -X PATCH --data-binary '{{"op":"zero","offset":0,"size":1048576}}' {url}/images/{TICKET}
   curl --cacert {ca} -X PATCH --data-binary '{{"op":"flush"}}' {url}/images/{TICKET}
-  curl --abstract-unix-socket /org/tximageio/dev http://localhost/images/{TICKET}/extents
+  curl --abstract-unix-socket {LOCAL} http://localhost/images/{TICKET}/extents
   curl --unix-socket {control} http://localhost/tickets/{TICKET}
   curl --unix-socket {control} -X PATCH --data-binary '{{"timeout":3600}}' http://localhost/tickets/{TICKET}
+  {imageioctl} -c {conf} show-ticket {TICKET}
   curl --unix-socket {control} -X DELETE http://localhost/tickets/{TICKET}
-  .venv/bin/imageioctl -c {conf} show-ticket {TICKET}
 
 Ctrl-C stops the daemon.
 """, flush=True)

@@ -169,18 +169,19 @@ class Daemon:
     lines.
     """
 
-    def __init__(self, confDir, args=(), env=None, timeout=30, twistd=None):
+    def __init__(self, confDir, args=(), env=None, timeout=30, twistd=None,
+                 cmd=None, cwd=None):
         self.confDir = confDir
         self.lines = []
         self.addresses = {}
         self._ready = threading.Event()
         self._exited = threading.Event()
-        cmd = [twistd or os.path.join(BIN, "twistd"), "--pidfile=", "-n",
-               "imageio",
-               "--conf-dir", confDir, *args]
+        if cmd is None:
+            cmd = [twistd or os.path.join(BIN, "twistd"), "--pidfile=",
+                   "-n", "imageio", "--conf-dir", confDir, *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=confDir,
+            stdin=subprocess.DEVNULL, cwd=cwd or confDir,
             env=dict(os.environ, **(env or {})))
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
