@@ -168,16 +168,20 @@ async def roundTrip(python, server, tmp_path, fmt, size):
     qemuImg("compare", "-f", fmt, "-F", "raw", str(src), str(target))
 
 
+@pytest.mark.parametrize("fmt,size", [("raw", 6 * MiB + 8192),
+                                      ("qcow2", 5 * MiB)])
 @pytest_twisted.ensureDeferred
-async def test_upload_download_raw_tls(refvenv, tls, tmp_path):
-    await roundTrip(refvenv, tls, tmp_path, "raw", 6 * MiB + 8192)
+async def test_upload_download_tls(refvenv, tls, tmp_path, fmt, size):
+    await roundTrip(refvenv, tls, tmp_path, fmt, size)
     assert tls.localConnections == 0
 
 
+@pytest.mark.parametrize("fmt,size", [("raw", 6 * MiB + 8192),
+                                      ("qcow2", 5 * MiB)])
 @pytest_twisted.ensureDeferred
-async def test_upload_download_qcow2_unix_upgrade(refvenv, tlsLocal,
-                                                  tmp_path):
-    await roundTrip(refvenv, tlsLocal, tmp_path, "qcow2", 5 * MiB)
+async def test_upload_download_unix_upgrade(refvenv, tlsLocal, tmp_path, fmt,
+                                            size):
+    await roundTrip(refvenv, tlsLocal, tmp_path, fmt, size)
     # The client switched to the abstract unix socket OPTIONS reported.
     assert tlsLocal.localConnections > 0
 
