@@ -13,6 +13,7 @@ import ast
 import grp
 import os
 import pwd
+import signal
 import socket
 import sys
 import uuid
@@ -23,9 +24,11 @@ from twisted.internet import defer, endpoints, ssl
 from twisted.logger import (
     FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
     globalLogPublisher, textFileLogObserver)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from imageio import tickets
 from imageio.web.http import Root, makeSite
@@ -154,6 +157,41 @@ def tlsOptions(tls):
     return opts
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """
+    Server TLS whose key and certificate can be replaced while running
+    (SIGHUP, SPEC A3): each new connection takes the context current at its
+    handshake; connections already open keep theirs.
+
+    @ivar options: the current L{ssl.CertificateOptions}.
+    """
+
+    def __init__(self, tls):
+        self._tls = tls
+        self.options = tlsOptions(tls)
+
+    def reload(self) -> bool:
+        """
+        Read the key and certificate files again. On failure the old ones
+        stay in use and the error is logged.
+
+        @return: whether the new files are in use.
+        """
+        try:
+            self.options = tlsOptions(self._tls)
+        except StartupError as e:
+            _log.error("TLS reload failed, keeping the old certificate: "
+                       "{error}", error=e)
+            return False
+        _log.info("TLS key and certificate reloaded from {cert}",
+                  cert=self._tls.cert_file)
+        return True
+
+    def serverConnectionForTLS(self, protocol):
+        return self.options.serverConnectionForTLS(protocol)
+
+
 class _Listener(service.Service):
     """
     One service's listening socket. Binds in C{privilegedStartService}
@@ -237,7 +275,10 @@ class ImageioService(service.MultiService):
         name filled in when the configured one is empty).
     @ivar store: the L{tickets.TicketStore}.
     @ivar threadpool: the I/O L{ThreadPool}.
+    @ivar tls: the remote service's L{ReloadableTLS}, or C{None}.
     """
+
+    tls = None
 
     def __init__(self, cfg, *, reactor, initialTicket=None):
         super().__init__()
@@ -281,7 +322,8 @@ class ImageioService(service.MultiService):
         site = self._imagesSite(withInfo=True)
         factory = site
         if cfg.tls.enable:
-            factory = TLSMemoryBIOFactory(tlsOptions(cfg.tls), False, site)
+            self.tls = ReloadableTLS(cfg.tls)
+            factory = TLSMemoryBIOFactory(self.tls, False, site)
         endpoint = _tcpEndpoint(self.reactor, cfg.remote.host,
                                 cfg.remote.port)
         _Listener("remote", endpoint, factory).setServiceParent(self)
@@ -322,6 +364,23 @@ class ImageioService(service.MultiService):
             _log.critical("Cannot start: {error}", error=e)
             sys.stderr.write(f"imageio: {e}\n")
             raise SystemExit(1)
+
+    def reloadTLS(self) -> bool:
+        """
+        Reload the remote service's key and certificate (on SIGHUP).
+        """
+        if self.tls is None:
+            return False
+        return self.tls.reload()
+
+    def installSignalHandlers(self) -> None:
+        """
+        SIGHUP reloads the TLS files. Only the twistd plugin calls this:
+        signal handlers are process-global.
+        """
+        def onSIGHUP(signum, frame):
+            self.reactor.callFromThread(self.reloadTLS)
+        signal.signal(signal.SIGHUP, onSIGHUP)
 
     def startService(self):
         super().startService()

@@ -88,8 +88,10 @@ def makeService(options, reactor=None):
     cfg = options["config"]
     try:
         services.configureLogging(cfg)
-        return services.ImageioService(
+        svc = services.ImageioService(
             cfg, reactor=reactor, initialTicket=options["initial-ticket"])
+        svc.installSignalHandlers()
+        return svc
     except services.StartupError as e:
         # An operator's mistake, not a bug: one clear line, no traceback.
         sys.stderr.write(f"imageio: {e}\n")

@@ -511,3 +511,109 @@ def test_port_in_use_fails_clearly(tmp_path, pki):
     assert "imageio: cannot listen for the remote service" in out
     assert "Address already in use" in out
     assert "Traceback" not in out
+
+
+def test_sighup_reloads_certificate(tmp_path, pki):
+    """
+    After the key and certificate files are replaced and the daemon gets
+    SIGHUP, new TLS connections see the new certificate while a running
+    download completes (SPEC A3).
+    """
+    import ssl
+    import time
+    files = makePKI(str(tmp_path / "live"))
+    other = makePKI(str(tmp_path / "other"), caName="another test CA")
+    image = tmp_path / "image.raw"
+    size = 96 << 20
+    with open(image, "wb") as f:
+        f.truncate(size)
+    conf = str(tmp_path / "conf")
+    sections = daemonConf(str(tmp_path), files)
+    writeConf(conf, sections)
+    d = Daemon(conf)
+    try:
+        sock = controlSocket(tmp_path)
+        controlRequest(sock, "PUT", "/tickets/t", {
+            "uuid": "t", "size": size, "ops": ["read"], "timeout": 300,
+            "url": f"file://{image}"})
+        url = f"https://127.0.0.1:{d.remotePort}/images/t"
+        # About 3 s at this rate: still running when the reload happens.
+        download = subprocess.Popen(
+            ["curl", "-sS", "--fail-with-body", "--cacert", files.ca,
+             "--limit-rate", "32M", "-o", str(tmp_path / "out"), url],
+            stderr=subprocess.PIPE)
+        out = tmp_path / "out"
+        deadline = time.monotonic() + 20
+        while not (out.exists() and out.stat().st_size > 0):
+            assert time.monotonic() < deadline
+            assert download.poll() is None, download.stderr.read()
+            time.sleep(0.02)
+        for name in ("cert", "key"):
+            shutil.copy(getattr(other, name), getattr(files, name))
+        d.proc.send_signal(1)
+        deadline = time.monotonic() + 20
+        while "TLS key and certificate reloaded" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            assert d.proc.poll() is None
+            time.sleep(0.05)
+        assert download.poll() is None, "download ended before the reload"
+        # New connections: the new certificate, and only it.
+        con = httpsConnection(d.remotePort, other.ca)
+        assert request(con, "GET", "/info/")[0] == 200
+        con.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            con = httpsConnection(d.remotePort, files.ca)
+            request(con, "GET", "/info/")
+        # The download that started before completes.
+        assert download.wait(60) == 0, download.stderr.read()
+        assert os.path.getsize(tmp_path / "out") == size
+    finally:
+        d.stop()
+
+
+def test_sighup_with_broken_files_keeps_old_certificate(tmp_path, pki):
+    import time
+    files = makePKI(str(tmp_path / "live"))
+    conf = str(tmp_path / "conf")
+    writeConf(conf, daemonConf(str(tmp_path), files))
+    d = Daemon(conf)
+    try:
+        with open(files.cert, "w") as f:
+            f.write("not a certificate\n")
+        d.proc.send_signal(1)
+        deadline = time.monotonic() + 20
+        while "TLS reload failed" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        con = httpsConnection(d.remotePort, files.ca)
+        assert request(con, "GET", "/info/")[0] == 200
+        con.close()
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_systemd_ready_notification(tmp_path, pki, abstract):
+    """
+    With systemd_enable, the daemon sends READY=1 to $NOTIFY_SOCKET once
+    every listener is bound (Type=notify in contrib/imageio.service).
+    """
+    if abstract:
+        address = f"\0/tximageio/test/notify/{os.getpid()}/{id(tmp_path)}"
+        env = "@" + address[1:]
+    else:
+        address = env = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(address)
+        s.settimeout(30)
+        d = start(tmp_path, pki,
+                  extra={"daemon": {"systemd_enable": True}},
+                  env={"NOTIFY_SOCKET": env})
+        try:
+            assert s.recv(4096) == b"READY=1"
+            # By then the services answer.
+            con = httpsConnection(d.remotePort, pki.ca)
+            assert request(con, "GET", "/info/")[0] == 200
+            con.close()
+        finally:
+            d.stop()
