@@ -242,14 +242,19 @@ class _Request:
     """
     A request waiting for its reply.
 
-    @ivar buf: for reads, the memoryview the payload goes into.
+    @ivar buf: for reads into a caller's buffer, the memoryview the
+        payload goes into; L{None} for reads that collect their payload.
+    @ivar parts: for collecting reads, C{[(start, bytes-like)]}: the
+        payload pieces as received (memoryviews of the received data, or
+        zeroes for holes), joined into one C{bytes} when the reply is
+        complete.
     @ivar received: payload bytes received so far (reads).
     @ivar extents: for block status, C{{context name: [(length, flags)]}}.
     @ivar error: the first error chunk (an L{NBDReplyError}) or L{None}.
     """
 
     __slots__ = ("handle", "cmd", "offset", "length", "deferred", "buf",
-                 "received", "extents", "error")
+                 "parts", "received", "extents", "error")
 
     def __init__(self, handle, cmd, offset, length, deferred, buf=None):
         self.handle = handle
@@ -258,6 +263,7 @@ class _Request:
         self.length = length
         self.deferred = deferred
         self.buf = buf
+        self.parts = None
         self.received = 0
         self.extents = None
         self.error = None
@@ -265,6 +271,30 @@ class _Request:
 
 def _replyError(code: int, message: str = "") -> NBDReplyError:
     return NBDReplyError(ERRNO.get(code, code), message)
+
+
+def _join(parts: list, length: int) -> bytes:
+    """
+    Join the payload pieces of a read into C{length} bytes.
+
+    @param parts: C{[(start, bytes-like)]}, not overlapping and covering
+        C{[0, length)} (the reply parser checked the total); in order
+        unless the server sent its chunks out of order.
+    """
+    if len(parts) == 1:
+        piece = parts[0][1]
+        return piece if isinstance(piece, bytes) else bytes(piece)
+    pos = 0
+    for start, piece in parts:
+        if start != pos:
+            break
+        pos += len(piece)
+    else:
+        return b"".join(piece for _, piece in parts)
+    buf = bytearray(length)
+    for start, piece in parts:
+        buf[start:start + len(piece)] = piece
+    return bytes(buf)
 
 
 class NBDClient(Protocol):
@@ -457,6 +487,10 @@ class NBDClient(Protocol):
         self._handler = handler
 
     def dataReceived(self, data: bytes):
+        if not isinstance(data, bytes):
+            # Read payloads keep slices of the received data until the
+            # reply is complete: it must not change under us.
+            data = bytes(data)
         view = memoryview(data)
         pos = 0
         end = len(view)
@@ -467,8 +501,12 @@ class NBDClient(Protocol):
                     if pos == end:
                         break
                     n = min(self._sinkRemaining, end - pos)
-                    sink.buf[self._sinkPos:self._sinkPos + n] = \
-                        view[pos:pos + n]
+                    if sink.parts is not None:
+                        # No copy: the slice keeps the received bytes.
+                        sink.parts.append((self._sinkPos, view[pos:pos + n]))
+                    else:
+                        sink.buf[self._sinkPos:self._sinkPos + n] = \
+                            view[pos:pos + n]
                     pos += n
                     self._sinkPos += n
                     self._sinkRemaining -= n
@@ -786,10 +824,12 @@ class NBDClient(Protocol):
                 raise NBDProtocolError(
                     f"OFFSET_HOLE {offset}+{size} outside request "
                     f"{req.offset}+{req.length}")
-            # The buffer of a read starts zeroed and chunks never overlap
-            # (NBD spec), but zero anyway: it costs little and keeps the
-            # result right whatever buffer the request was given.
-            req.buf[start:start + size] = bytes(size)
+            if req.parts is not None:
+                req.parts.append((start, bytes(size)))
+            else:
+                # Chunks never overlap (NBD spec), but the caller's buffer
+                # may hold anything.
+                req.buf[start:start + size] = bytes(size)
             req.received += size
         elif rtype == REPLY_TYPE_BLOCK_STATUS:
             self._gotBlockStatus(req, data)
@@ -844,7 +884,10 @@ class NBDClient(Protocol):
         if error is not None:
             self._fire(req.deferred, Failure(error))
         elif req.cmd == CMD_READ:
-            self._fire(req.deferred, req.buf)
+            if req.parts is not None:
+                self._fire(req.deferred, _join(req.parts, req.length))
+            else:
+                self._fire(req.deferred, req.buf)
         elif req.cmd == CMD_BLOCK_STATUS:
             self._fire(req.deferred, req.extents)
         else:
@@ -863,6 +906,8 @@ class NBDClient(Protocol):
         self._nextHandle = (handle + 1) & 0xFFFFFFFFFFFFFFFF
         d = defer.Deferred(self._cancel)
         req = _Request(handle, cmd, offset, length, d, buf)
+        if cmd == CMD_READ and buf is None:
+            req.parts = []
         if cmd == CMD_BLOCK_STATUS:
             req.extents = {}
         self._pending[handle] = req
@@ -892,16 +937,23 @@ class NBDClient(Protocol):
                        lambda f: f.value.subFailure)
         return d
 
-    def read(self, offset: int, length: int) -> defer.Deferred[bytearray]:
+    def read(self, offset: int, length: int) -> defer.Deferred:
         """
         Read C{length} bytes at C{offset}.
 
-        @return: L{Deferred} firing with a C{bytearray} of C{length} bytes,
-            or failing with L{NBDReplyError} / L{NBDConnectionLost}.
+        @return: L{Deferred} firing with C{length} bytes (C{bytes} when the
+            read fits in one request, else a C{bytearray}), or failing with
+            L{NBDReplyError} / L{NBDConnectionLost}.
         """
-        buf = bytearray(length)
         if length == 0:
-            return defer.succeed(buf)
+            return defer.succeed(b"")
+        if length <= self.maximumBlockSize:
+            # One request: the payload is collected as received and
+            # joined once, so the result costs a single copy and is the
+            # C{bytes} a transport write wants (no zero-filled buffer, no
+            # bytearray-to-bytes copy by the caller).
+            return self._send(CMD_READ, offset, length)
+        buf = bytearray(length)
         view = memoryview(buf)
         ds = [self._send(CMD_READ, offset + start, n,
                          buf=view[start:start + n])

@@ -1,0 +1,576 @@
+"""
+The nbd backend through the daemon (issue 4): a real C{twistd -n imageio}
+process serving tickets whose url points at qemu-nbd or nbdkit, driven by
+the reference client (ovirt-imageio 2.5.1, run from its own virtualenv) and
+by small blocking HTTP clients.
+
+  - upload and download of raw and qcow2 images with the reference client,
+    for both NBD url forms (C{nbd:unix:PATH}, C{nbd+unix:///?socket=PATH});
+  - a sparse image downloads by reading only its data extents from the NBD
+    server (counted by nbdkit's log filter);
+  - NBD read and write errors give a 500 before the body starts, and a
+    closed connection once it started; a dead qemu-nbd ends the download
+    and the daemon keeps serving;
+  - four connections writing distinct ranges of one ticket;
+  - dirty extents of a qcow2 bitmap exported with C{qemu-nbd --bitmap}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+from imageio.units import KiB, MiB
+from test.support import (
+    Daemon, UnixHTTPConnection, controlRequest, daemonConf, httpsConnection,
+    makePKI, request, writeConf)
+from test.test_images_ref import refvenv  # noqa: F401 (fixture)
+
+QEMU = all(shutil.which(p) for p in ("qemu-img", "qemu-nbd", "qemu-io"))
+NBDKIT = shutil.which("nbdkit") is not None
+
+pytestmark = pytest.mark.skipif(not QEMU, reason="qemu tools are needed")
+requiresNbdkit = pytest.mark.skipif(not NBDKIT, reason="nbdkit is needed")
+
+GENERIC_ERROR = b"Server failed to perform the request, check logs\n"
+
+# Every blocking client call gives up after this: a hang fails the test.
+TIMEOUT = 20
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """
+    One daemon for the module: remote over TLS, local on an abstract
+    socket, control on a unix socket.
+    """
+    tmp = tmp_path_factory.mktemp("nbd-daemon")
+    pki = makePKI(str(tmp / "pki"))
+    conf = str(tmp / "conf")
+    writeConf(conf, daemonConf(str(tmp), pki))
+    d = Daemon(conf)
+    d.pki = pki
+    d.controlSocket = str(tmp / "run" / "sock")
+    d.localSocket = "\0" + d.addresses["local"][1:]
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def workdir():
+    """
+    A short directory for images and NBD sockets (a unix socket path must
+    fit in 108 bytes; pytest's tmp_path may not).
+    """
+    path = tempfile.mkdtemp(prefix="nbdd-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Servers:
+    """
+    NBD server processes started by a test, stopped at its end.
+    """
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.procs = []
+
+    def start(self, argv, sock):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited: "
+                                   f"{proc.stderr.read().decode()}")
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(sock)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{sock} not ready"
+                time.sleep(0.01)
+            finally:
+                s.close()
+        return proc
+
+    def qemuNbd(self, image, fmt, *extra, name=None):
+        """
+        Serve C{image} with qemu-nbd on a unix socket.
+
+        @return: C{(process, socket path)}.
+        """
+        sock = os.path.join(self.workdir, (name or uuid.uuid4().hex[:8])
+                            + ".sock")
+        proc = self.start(
+            ["qemu-nbd", "--persistent", "--shared=8", "-f", fmt, "-k", sock,
+             "--cache=writeback", "--discard=unmap", *extra, str(image)],
+            sock)
+        return proc, sock
+
+    def nbdkit(self, *args, name=None):
+        sock = os.path.join(self.workdir, (name or uuid.uuid4().hex[:8])
+                            + ".sock")
+        proc = self.start(["nbdkit", "--exit-with-parent", "-f", "-U", sock,
+                           *args], sock)
+        return proc, sock
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+
+
+@pytest.fixture
+def servers(workdir):
+    s = Servers(workdir)
+    yield s
+    s.stop()
+
+
+def run(*argv):
+    return subprocess.run(argv, check=True, capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def nbdURL(sock, form="colon"):
+    if form == "colon":
+        return f"nbd:unix:{sock}"
+    return f"nbd+unix:///?socket={sock}"
+
+
+def addTicket(daemon, url, size, ops=("read", "write"), **kw):
+    tid = str(uuid.uuid4())
+    ticket = {"uuid": tid, "size": size, "url": url, "ops": list(ops),
+              "timeout": 300, "inactivity_timeout": 60, "sparse": False,
+              "dirty": False, "transfer_id": f"tx-{tid}"}
+    ticket.update(kw)
+    status, _, body = controlRequest(daemon.controlSocket, "PUT",
+                                     f"/tickets/{tid}", ticket)
+    assert status == 200, body
+    return tid
+
+
+def removeTicket(daemon, tid):
+    controlRequest(daemon.controlSocket, "DELETE", f"/tickets/{tid}")
+
+
+def local(daemon):
+    return UnixHTTPConnection(daemon.localSocket, timeout=TIMEOUT)
+
+
+def remote(daemon):
+    return httpsConnection(daemon.remotePort, daemon.pki.ca,
+                           host="localhost", timeout=TIMEOUT)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(4 * MiB)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def writeSparse(path, size, chunks, seed=0):
+    """
+    A sparse raw file of C{size} bytes with random data at C{chunks}
+    (C{[(offset, length)]}).
+    """
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in chunks:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
+
+
+def makeSource(path, fmt, size):
+    """
+    An image with data at the start, in the middle and at the end, holes
+    between, and a zero cluster.
+    """
+    raw = writeSparse(str(path) + ".raw", size, [
+        (0, 300 * KiB), (size // 2 + 4 * KiB, 70000),
+        (size - 64 * KiB, 64 * KiB)])
+    if fmt == "raw":
+        os.rename(raw, path)
+    else:
+        run("qemu-img", "convert", "-f", "raw", "-O", fmt, raw, str(path))
+        os.unlink(raw)
+    return str(path)
+
+
+def refClient(python, code, timeout=120):
+    out = subprocess.run([python, "-c", textwrap.dedent(code)],
+                         capture_output=True, timeout=timeout)
+    assert out.returncode == 0, (out.stdout + out.stderr).decode(
+        errors="replace")
+    return out.stdout.decode()
+
+
+def ticketInfo(daemon, tid):
+    status, _, body = controlRequest(daemon.controlSocket, "GET",
+                                     f"/tickets/{tid}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+# ---------------------------------------------------------------------------
+# 1. The reference client's upload and download
+
+
+@pytest.mark.parametrize("fmt,form", [
+    ("raw", "colon"), ("raw", "uri"), ("qcow2", "colon"), ("qcow2", "uri")])
+def test_reference_client_upload_download(daemon, servers, workdir, refvenv,
+                                          fmt, form):
+    size = 6 * MiB
+    src = makeSource(os.path.join(workdir, f"src.{fmt}"), fmt, size)
+    # The target holds old data everywhere: the upload must replace it,
+    # zero ranges included.
+    target = os.path.join(workdir, f"target.{fmt}")
+    run("qemu-img", "create", "-f", fmt, target, str(size))
+    run("qemu-io", "-f", fmt, "-c", f"write -P 0x55 0 {size}", target)
+    _, sock = servers.qemuNbd(target, fmt, "--allocation-depth")
+    tid = addTicket(daemon, nbdURL(sock, form), size)
+    url = f"https://localhost:{daemon.remotePort}/images/{tid}"
+    dst = os.path.join(workdir, f"dst.{fmt}")
+    refClient(refvenv, f"""
+        from ovirt_imageio import client
+        client.upload({src!r}, {url!r}, {daemon.pki.ca!r})
+        client.download({url!r}, {dst!r}, {daemon.pki.ca!r}, fmt={fmt!r})
+    """)
+    # Guest data of the target (read through qemu-nbd, still serving it)
+    # and of the downloaded copy equal the source's.
+    run("qemu-img", "compare", "-f", fmt, "-F", fmt, src, dst)
+    run("qemu-img", "compare", "-f", fmt, "-F", "raw", src,
+        f"nbd+unix:///?socket={sock}")
+    removeTicket(daemon, tid)
+
+
+# ---------------------------------------------------------------------------
+# 2. Sparse downloads read only the data extents
+
+
+def nbdkitReads(logfile):
+    """
+    Sum of the C{Read} requests in an nbdkit log filter's file.
+
+    @return: C{(requests, bytes)}.
+    """
+    count = total = 0
+    with open(logfile) as f:
+        for line in f:
+            if " Read id=" not in line:
+                continue
+            count += 1
+            total += int(line.split(" count=")[1].split()[0], 16)
+    return count, total
+
+
+@requiresNbdkit
+def test_sparse_download_reads_only_data(daemon, servers, workdir, refvenv):
+    size = 256 * MiB
+    chunks = [(0, 1 * MiB), (64 * MiB, 256 * KiB), (100 * MiB + 64 * KiB,
+                                                     64 * KiB),
+              (size - 512 * KiB, 512 * KiB)]
+    dataSize = sum(n for _, n in chunks)
+    image = writeSparse(os.path.join(workdir, "sparse.raw"), size, chunks)
+    log = os.path.join(workdir, "nbdkit.log")
+    _, sock = servers.nbdkit("--filter=log", "file", image,
+                             f"logfile={log}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    url = f"https://localhost:{daemon.remotePort}/images/{tid}"
+    dst = os.path.join(workdir, "dst.raw")
+    refClient(refvenv, f"""
+        from ovirt_imageio import client
+        client.download({url!r}, {dst!r}, {daemon.pki.ca!r}, fmt="raw")
+    """)
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, dst)
+    removeTicket(daemon, tid)
+    requests, read = nbdkitReads(log)
+    assert requests > 0
+    # Only the data extents were read (the file plugin reports holes at
+    # page granularity), nothing like the virtual size.
+    assert dataSize <= read <= dataSize + 64 * KiB, (read, dataSize)
+
+
+# ---------------------------------------------------------------------------
+# 3. Faults
+
+
+@requiresNbdkit
+def test_read_error_before_body(daemon, servers):
+    size = 8 * MiB
+    _, sock = servers.nbdkit("--filter=error", "pattern", str(size),
+                             "error-pread=EIO", "error-pread-rate=1")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    con = local(daemon)
+    try:
+        status, headers, body = request(con, "GET", f"/images/{tid}")
+        assert status == 500
+        assert body == GENERIC_ERROR
+        assert headers["content-type"] == "text/plain; charset=UTF-8"
+        # A range read of a good connection fails the same way.
+        status, _, body = request(con, "GET", f"/images/{tid}",
+                                  headers={"Range": "bytes=0-4095"})
+        assert (status, body) == (500, GENERIC_ERROR)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+
+
+@requiresNbdkit
+def test_read_error_after_body_started(daemon, servers, workdir):
+    size = 256 * MiB
+    trigger = os.path.join(workdir, "fail-reads")
+    _, sock = servers.nbdkit("--filter=error", "pattern", str(size),
+                             "error-pread=EIO", "error-pread-rate=1",
+                             f"error-pread-file={trigger}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    con = local(daemon)
+    try:
+        con.request("GET", f"/images/{tid}")
+        resp = con.getresponse()
+        assert resp.status == 200
+        got = len(resp.read(1 * MiB))
+        # Reads fail from now on: the response cannot change its status,
+        # so the connection is closed before the announced length.
+        open(trigger, "w").close()
+        with pytest.raises(http.client.IncompleteRead) as e:
+            resp.read()
+        got += len(e.value.partial)
+        assert got < size
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+
+
+@requiresNbdkit
+def test_write_error(daemon, servers):
+    size = 64 * MiB
+    _, sock = servers.nbdkit("--filter=error", "memory", str(size),
+                             "error-pwrite=EIO", "error-pwrite-rate=1")
+    tid = addTicket(daemon, nbdURL(sock), size)
+    # A body smaller than one backend write: the error comes when the
+    # body is complete.
+    con = local(daemon)
+    try:
+        status, headers, body = request(con, "PUT", f"/images/{tid}",
+                                        body=b"x" * (256 * KiB))
+        assert (status, body) == (500, GENERIC_ERROR)
+    finally:
+        con.close()
+    # A body of many writes: the error is answered while the body is still
+    # arriving and the connection closes; the client is never left
+    # waiting.
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(TIMEOUT)
+    s.connect(daemon.localSocket)
+    try:
+        s.sendall(f"PUT /images/{tid} HTTP/1.1\r\nHost: localhost\r\n"
+                  f"Content-Length: {size}\r\n\r\n".encode())
+
+        def send():
+            block = b"y" * MiB
+            try:
+                for _ in range(size // MiB):
+                    s.sendall(block)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        assert resp.status == 500
+        assert resp.read() == GENERIC_ERROR
+        assert resp.getheader("connection") == "close"
+        # The daemon drains or drops the rest of the body; the sender
+        # is not blocked forever either way.
+        sender.join(TIMEOUT)
+        assert not sender.is_alive()
+    finally:
+        s.close()
+    removeTicket(daemon, tid)
+
+
+def test_qemu_nbd_killed_mid_download(daemon, servers, workdir):
+    size = 128 * MiB
+    image = os.path.join(workdir, "random.raw")
+    with open(image, "wb") as f:
+        f.write(os.urandom(size))
+    proc, sock = servers.qemuNbd(image, "raw", "--read-only")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    con = remote(daemon)
+    try:
+        con.request("GET", f"/images/{tid}")
+        resp = con.getresponse()
+        assert resp.status == 200
+        got = len(resp.read(1 * MiB))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        with pytest.raises(http.client.IncompleteRead) as e:
+            resp.read()
+        got += len(e.value.partial)
+        assert got < size
+    finally:
+        con.close()
+    # The ticket's server is gone: a new request gets an error, not a hang.
+    con = remote(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid}",
+                                  headers={"Range": "bytes=0-4095"})
+        assert (status, body) == (500, GENERIC_ERROR)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+
+    # The daemon keeps serving other tickets.
+    other = os.path.join(workdir, "other.raw")
+    with open(other, "wb") as f:
+        f.write(os.urandom(2 * MiB))
+    _, sock2 = servers.qemuNbd(other, "raw", "--read-only")
+    tid2 = addTicket(daemon, nbdURL(sock2, "uri"), 2 * MiB, ops=["read"])
+    con = remote(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid2}")
+        assert status == 200
+        with open(other, "rb") as f:
+            assert body == f.read()
+    finally:
+        con.close()
+    removeTicket(daemon, tid2)
+
+
+# ---------------------------------------------------------------------------
+# 4. Several connections writing one ticket
+
+
+def test_concurrent_put_ranges(daemon, servers, workdir):
+    size = 32 * MiB
+    source = os.path.join(workdir, "source.raw")
+    with open(source, "wb") as f:
+        f.write(os.urandom(size))
+    target = os.path.join(workdir, "target.raw")
+    with open(target, "wb") as f:
+        f.truncate(size)
+    _, sock = servers.qemuNbd(target, "raw")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["write"])
+    step = size // 4
+    results = [None] * 4
+
+    def put(i):
+        with open(source, "rb") as f:
+            f.seek(i * step)
+            data = f.read(step)
+        con = remote(daemon) if i % 2 else local(daemon)
+        try:
+            first, last = i * step, (i + 1) * step - 1
+            results[i] = request(
+                con, "PUT", f"/images/{tid}", body=data,
+                headers={"Content-Range": f"bytes {first}-{last}/*"})[0]
+        finally:
+            con.close()
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200] * 4
+    # A write-only ticket counts the union of the ranges written.
+    assert ticketInfo(daemon, tid)["transferred"] == size
+    removeTicket(daemon, tid)
+    # Every PUT flushed: the file qemu-nbd writes to has the data.
+    assert sha256(target) == sha256(source)
+    reader = addTicket(daemon, nbdURL(sock, "uri"), size, ops=["read"])
+    con = local(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{reader}")
+    finally:
+        con.close()
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == sha256(source)
+    removeTicket(daemon, reader)
+
+
+# ---------------------------------------------------------------------------
+# 5. Incremental backup: dirty extents
+
+
+def test_dirty_extents(daemon, servers, workdir):
+    size = 16 * MiB
+    image = os.path.join(workdir, "disk.qcow2")
+    run("qemu-img", "create", "-f", "qcow2", image, str(size))
+    # Data written before the bitmap exists is not dirty.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M", image)
+    run("qemu-img", "bitmap", "--add", "--enable", "-f", "qcow2", image,
+        "b0")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 2M 128k",
+        "-c", "write -z 5M 64k", "-c", "write -P 1 9M 1M", image)
+    _, sock = servers.qemuNbd(image, "qcow2", "--read-only", "--bitmap=b0",
+                              "--allocation-depth")
+    dirtyTicket = addTicket(daemon, nbdURL(sock), size, ops=["read"],
+                            dirty=True)
+    plainTicket = addTicket(daemon, nbdURL(sock, "uri"), size, ops=["read"])
+    con = local(daemon)
+    try:
+        status, headers, body = request(
+            con, "GET", f"/images/{dirtyTicket}/extents?context=dirty")
+        assert status == 200, body
+        assert headers["content-type"] == "application/json"
+        extents = json.loads(body)
+        dirty = [(e["start"], e["length"], e["zero"]) for e in extents
+                 if e["dirty"]]
+        assert dirty == [(2 * MiB, 128 * KiB, False),
+                         (5 * MiB, 64 * KiB, True),
+                         (9 * MiB, 1 * MiB, False)]
+        # The list covers the image with no gaps.
+        pos = 0
+        for e in extents:
+            assert e["start"] == pos and set(e) == {"start", "length",
+                                                    "dirty", "zero"}
+            pos += e["length"]
+        assert pos == size
+        # The zero context of the same ticket still works.
+        status, _, body = request(con, "GET",
+                                  f"/images/{dirtyTicket}/extents")
+        assert status == 200
+        assert not json.loads(body)[0]["zero"]
+
+        status, headers, body = request(
+            con, "GET", f"/images/{plainTicket}/extents?context=dirty")
+        assert status == 404
+        assert body == b"Ticket does not support dirty extents\n"
+    finally:
+        con.close()
+    removeTicket(daemon, dirtyTicket)
+    removeTicket(daemon, plainTicket)
