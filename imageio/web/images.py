@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from imageio import backends, blkhash, errors, transfer
+from imageio.backends import http as httpbackend
 from imageio.units import MiB
 from imageio.web import validate
 from imageio.web.request import finishIfConnected
@@ -123,6 +125,11 @@ def parseContentRange(value: str | None) -> int:
     return first
 
 
+def _isProxy(ticket) -> bool:
+    # The scheme decides the backend (imageio.backends.open).
+    return urlsplit(ticket.url).scheme in ("http", "https")
+
+
 def _allowedRange(offset: int, size: int, ticket) -> None:
     if offset + size > ticket.size:
         raise errors.RangeNotSatisfiable(
@@ -134,19 +141,34 @@ class _Upload:
     The state of one streamed PUT, created by L{_Image.startBody} and used
     by L{_Image.render_PUT}.
 
-    It is the request's sink: the body goes to an L{transfer.UploadSink};
-    a sink failure while the body still arrives is answered early through
-    C{request.bodyFailed}.
+    It is the request's sink: the body goes to an L{transfer.UploadSink},
+    or, for a proxy ticket (http or https url) and a body with a
+    Content-Length, to an L{httpbackend.UploadStream}: one upstream PUT for
+    the whole body, with backpressure from the upstream connection to the
+    client's socket. A sink failure while the body still arrives is
+    answered early through C{request.bodyFailed}.
+
+    @ivar flush: flush the backend after the body is written; false when
+        the upstream PUT flushes as part of it.
     """
 
     def __init__(self, request, ticket, operation, backend, offset: int,
-                 limit: int, flush: bool):
+                 limit: int, flush: bool, chunked: bool = False):
         self.ticket = ticket
         self.operation = operation
         self.flush = flush
-        self.sink = transfer.UploadSink(
-            backend, offset, limit=limit, operation=operation,
-            producer=request.transport)
+        if not chunked and _isProxy(ticket):
+            # A chunked body has no length to announce upstream (the
+            # reference requires a Content-Length): it goes through the
+            # backend's per-chunk writes below.
+            self.sink = httpbackend.uploadStream(
+                backend, offset, limit, producer=request.transport,
+                operation=operation, flush=flush)
+            self.flush = False
+        else:
+            self.sink = transfer.UploadSink(
+                backend, offset, limit=limit, operation=operation,
+                producer=request.transport)
         self.sink.whenDone().addErrback(
             lambda f: request.bodyFailed(self._translate(f)))
 
@@ -266,9 +288,15 @@ class _Image(_Handler):
                         size=size, offset=offset, tid=ticket.transferId)
         op = ticket.startOperation(offset, size)
         try:
-            producer = transfer.DownloadProducer(
-                backend, request, offset, size, operation=op)
-            await producer.start()
+            readTo = getattr(backend, "readTo", None)
+            if readTo is not None:
+                # The proxy backend: one upstream GET for the whole range,
+                # the client's socket pausing the upstream one.
+                await readTo(offset, size, request, operation=op)
+            else:
+                producer = transfer.DownloadProducer(
+                    backend, request, offset, size, operation=op)
+                await producer.start()
         except transfer.ProducerStopped:
             # The client went away; nobody to answer.
             return None
@@ -316,7 +344,8 @@ class _Image(_Handler):
             offset=offset, flush=flush, tid=ticket.transferId)
         backend = self.images.backendFor(request, ticket)
         op = ticket.startOperation(offset, limit)
-        return _Upload(request, ticket, op, backend, offset, limit, flush)
+        return _Upload(request, ticket, op, backend, offset, limit, flush,
+                       chunked)
 
     @asyncRender
     async def render_PUT(self, request):
