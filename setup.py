@@ -37,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "imageioctl = imageio.ctl:main",
+            "imageio = imageio.client.cli:main",
         ],
     },
     classifiers=[
