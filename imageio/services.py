@@ -388,6 +388,11 @@ class ImageioService(service.MultiService):
             ticket = self.store.add(self.initialTicket)
             _log.info("Installed ticket {uuid} from --ticket",
                       uuid=ticket.uuid)
+        # twistd starts services before the reactor runs and installs its
+        # signal handlers; ready means a SIGTERM from now on stops cleanly.
+        self.reactor.callWhenRunning(self._announceReady)
+
+    def _announceReady(self):
         if self.config.daemon.systemd_enable:
             _notifySystemd(b"READY=1")
         _log.info("imageio ready")
