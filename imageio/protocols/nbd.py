@@ -225,7 +225,11 @@ class NBDReplyError(NBDError):
     def __init__(self, errno: int, message: str = ""):
         self.errno = errno
         self.message = message
-        text = os.strerror(errno)
+        try:
+            text = os.strerror(errno)
+        except (ValueError, OverflowError):
+            # A raw code from the server that is no C int.
+            text = "Unknown error"
         if message:
             super().__init__(f"{message}: [Error {errno}] {text}")
         else:

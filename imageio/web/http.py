@@ -13,8 +13,10 @@ C{server: imageio/<version>}.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 from urllib.parse import unquote
 
 from twisted.internet import defer
@@ -38,6 +40,11 @@ ALLOWED_METHODS = frozenset(
     [b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"])
 
 GENERIC_ERROR = "Server failed to perform the request, check logs"
+
+# Storage conditions the user can act on: a 500 like any backend failure
+# (clients of the reference expect it), but the text names the condition
+# (errno text only; never the path, which stays in the log).
+_STORAGE_ERRNOS = frozenset([errno.ENOSPC, errno.EDQUOT])
 
 # Response headers an error reply keeps; everything else a handler set
 # before failing (content-disposition, content-length...) is dropped.
@@ -93,6 +100,9 @@ def errorResponse(request, reason) -> None:
         code, message, headers, close = 400, str(exc), {}, False
     else:
         code, message, headers, close = 500, GENERIC_ERROR, {}, False
+        storage = _storageError(exc)
+        if storage is not None:
+            message = f"Server failed to perform the request: {storage}"
         _log.failure("{method} {path} failed", failure,
                      method=_method(request), path=requestPath(request))
 
@@ -122,6 +132,22 @@ def errorResponse(request, reason) -> None:
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
+
+
+def _storageError(exc) -> str | None:
+    """
+    The errno text of an out-of-space error anywhere in C{exc}'s chain of
+    causes (backends wrap C{OSError} and NBD errors in L{errors.BackendError}),
+    else C{None}.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "errno", None)
+        if isinstance(code, int) and code in _STORAGE_ERRNOS:
+            return os.strerror(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def textBody(request, message: str) -> bytes:

@@ -66,6 +66,15 @@ def _unsatisfiable(message: str) -> errors.HTTPError:
     return errors.HTTPError(message, code=416)
 
 
+def _int(text: str, error: Exception) -> int:
+    # The regexes allow digits only, but Python refuses int() of more than
+    # 4300 digits with ValueError: the client's fault, not a 500.
+    try:
+        return int(text)
+    except ValueError:
+        raise error from None
+
+
 def parseRange(value: str | None):
     """
     Parse a C{Range} header: C{bytes=F-L} or C{bytes=F-}; case-sensitive,
@@ -89,10 +98,11 @@ def parseRange(value: str | None):
             raise _unsatisfiable(
                 f"Cannot satisfy range {value!r}, no first or last")
         raise _unsatisfiable("suffix-byte-range-spec not supported yet")
-    first = int(first)
+    tooLarge = _unsatisfiable("Cannot satisfy range, number too large")
+    first = _int(first, tooLarge)
     if not last:
         return (first, None)
-    last = int(last)
+    last = _int(last, tooLarge)
     if first > last:
         raise _unsatisfiable(
             f"Cannot satisfy range {value!r}, first > last")
@@ -113,13 +123,14 @@ def parseContentRange(value: str | None) -> int:
     if m is None:
         raise errors.BadRequest(f"Invalid Content-Range {value!r}")
     first, last, complete = m.groups()
-    first = int(first)
+    tooLarge = errors.BadRequest("Invalid Content-Range, number too large")
+    first = _int(first, tooLarge)
     if last != "*":
-        last = int(last)
+        last = _int(last, tooLarge)
         if last < first:
             raise errors.BadRequest(
                 f"Invalid Content-Range {value!r}, first > last")
-        if complete != "*" and last >= int(complete):
+        if complete != "*" and last >= _int(complete, tooLarge):
             raise errors.BadRequest(
                 f"Invalid Content-Range {value!r}, last >= complete")
     return first
@@ -487,8 +498,8 @@ def _nonNegative(args: dict, name: str) -> int | None:
     value = args.get(name)
     if value is None:
         return None
-    if not value.isdigit() or not value.isascii():
-        raise errors.BadRequest(f"Invalid {name}: {value!r}")
+    if not value.isdigit() or not value.isascii() or len(value) > 20:
+        raise errors.BadRequest(f"Invalid {name}: {value[:32]!r}")
     return int(value)
 
 

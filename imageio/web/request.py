@@ -21,7 +21,6 @@ C{test/test_request.py} that fails if a Twisted upgrade changes it.
 from __future__ import annotations
 
 import io
-from urllib.parse import parse_qs
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -167,6 +166,7 @@ class ImageioChannel(http.HTTPChannel):
     """
 
     _lingering = None
+    _stall = None
 
     def __init__(self):
         super().__init__()
@@ -201,6 +201,41 @@ class ImageioChannel(http.HTTPChannel):
         else:
             transport.loseConnection()
         self._lingering = self.callLater(self.LINGER, self._endLinger)
+
+    # Output.
+
+    def pauseProducing(self):
+        # The transport calls this when its write buffer is full: the client
+        # is not reading our response. Twisted's idle timeout cannot see
+        # this (it is reset only by input, and is off while a response is
+        # produced), so a client that stops reading would hold the
+        # connection, its backend and its ticket operation forever. The
+        # reference's socket timeout closes such a connection after the
+        # ticket's inactivity_timeout (60 s before a ticket is bound); so do
+        # we, unless the transport drains meanwhile (test_faults
+        # test_stalled_reader).
+        super().pauseProducing()
+        if self._stall is None and not self._lost:
+            # Twisted 26.10: the idle timeout of a connection handling a
+            # request waits in _savedTimeOut (see setIdleTimeout).
+            timeout = (self._savedTimeOut if self._handlingRequest
+                       else self.timeOut) or self.timeOut
+            if timeout:
+                self._stall = self.callLater(timeout, self._stalled)
+
+    def resumeProducing(self):
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        super().resumeProducing()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._lost or self.transport is None:
+            return
+        self._log.info("Client {peer} stopped reading, closing the "
+                       "connection", peer=str(self.transport.getPeer()))
+        self.transport.abortConnection()
 
     def _endLinger(self) -> None:
         self._lingering = None
@@ -265,6 +300,9 @@ class ImageioChannel(http.HTTPChannel):
         if self._lingering is not None:
             self._lingering.cancel()
             self._lingering = None
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         super().connectionLost(reason)
         for ctx in list(self._contexts.values()):
             ctx.close()
@@ -282,8 +320,12 @@ def finishIfConnected(request) -> None:
 
 
 def _queryArgs(uri: bytes) -> dict:
+    # Twisted's parse_qs, as Request.requestReceived uses later: it works on
+    # bytes throughout. urllib's decodes them as ASCII first and raised
+    # UnicodeDecodeError from inside the parser for a PUT whose query had
+    # a non-ASCII byte (test_fuzz, test_properties.test_queryArgs).
     parts = uri.split(b"?", 1)
-    return parse_qs(parts[1], 1) if len(parts) > 1 else {}
+    return http.parse_qs(parts[1], 1) if len(parts) > 1 else {}
 
 
 class StreamingRequest(Request):

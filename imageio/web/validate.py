@@ -18,13 +18,22 @@ MAX_INT = 2**63 - 1
 
 _MISSING = object()
 
+# Client values are echoed in error texts at most this long: a huge value
+# must not come back whole in the reply (test_properties).
+_MAX_REPR = 64
+
+
+def _shortRepr(value) -> str:
+    text = repr(value)
+    if len(text) > _MAX_REPR:
+        text = text[:_MAX_REPR] + "..."
+    return text
+
 
 def requireObject(obj, what: str = "message") -> dict:
     if not isinstance(obj, dict):
-        text = repr(obj)
-        if len(text) > 64:
-            text = text[:64] + "..."
-        raise BadRequest(f"Invalid {what}: expecting a JSON object, got {text}")
+        raise BadRequest(f"Invalid {what}: expecting a JSON object, got "
+                         f"{_shortRepr(obj)}")
     return obj
 
 
@@ -36,7 +45,8 @@ def enum(d: dict, name: str, values, default=None):
         raise BadRequest(f"Missing required value for {name}")
     if not isinstance(val, str) or val not in values:
         raise BadRequest(
-            f"Unsupported value {val!r} for {name!r}, expecting one of "
+            f"Unsupported value {_shortRepr(val)} for {name!r}, expecting "
+            f"one of "
             f"{sorted(values)}")
     return val
 
@@ -52,11 +62,11 @@ def integer(d: dict, name: str, minval=None, maxval=MAX_INT, default=None):
             return default
         raise BadRequest(f"Missing required value for {name!r}")
     if not isinstance(val, int):
-        raise BadRequest(f"Integer required {val!r}")
+        raise BadRequest(f"Integer required {_shortRepr(val)}")
     if minval is not None and val < minval:
-        raise BadRequest(f"Invalid value {val} < {minval}")
+        raise BadRequest(f"Invalid value {_shortRepr(val)} < {minval}")
     if maxval is not None and val > maxval:
-        raise BadRequest(f"Invalid value {val} > {maxval}")
+        raise BadRequest(f"Invalid value {_shortRepr(val)} > {maxval}")
     return int(val)
 
 
@@ -67,5 +77,5 @@ def boolean(d: dict, name: str, default=False):
             return default
         raise BadRequest(f"Missing required value for {name!r}")
     if not isinstance(val, bool):
-        raise BadRequest(f"Boolean required {val!r}")
+        raise BadRequest(f"Boolean required {_shortRepr(val)}")
     return val
