@@ -760,3 +760,29 @@ async def test_block_device_blkzeroout(loopDevice, pool, backends,
 
 if __name__ == "__main__":   # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_maxZeroStep(tmp_path, pool, backends):
+    # Regular files that zero in metadata take large steps; the caller's
+    # steps stay for files that may fall back to writing zeroes.
+    path = makeFile(tmp_path / "img", size=1 * MiB)
+    sparse = await openFile(pool, backends, path, sparse=True)
+    assert sparse.maxZeroStep == filebackend.FAST_ZERO_STEP
+    sparse._canPunchHole = False
+    assert sparse.maxZeroStep is None
+    full = await openFile(pool, backends, path)
+    assert full.maxZeroStep == filebackend.FAST_ZERO_STEP
+    full._canZeroRange = False
+    assert full.maxZeroStep is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_zero_sparse_large_step(tmp_path, pool, backends):
+    # One call deallocates a whole large range and keeps the size.
+    size = 3 * filebackend.FAST_ZERO_STEP
+    path = makeFile(tmp_path / "img", b"x" * MiB, size=size)
+    b = await openFile(pool, backends, path, sparse=True)
+    await b.zero(0, b.maxZeroStep)
+    assert os.path.getsize(path) == size
+    assert allocated(path) == 0

@@ -1,0 +1,765 @@
+#!/usr/bin/env python3
+"""
+Side-by-side benchmark: tximageio against the reference ovirt-imageio.
+
+    make bench                      # or: .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --runs 5 --only download,reads
+    .venv/bin/python bench/run.py --scale 0.125 --runs 1   # quick smoke
+
+Sets up everything it needs: the reference virtualenv must exist (`make
+bench` creates it), nginx is installed with apt-get when missing and we are
+root (it only gives a ceiling; without it that row says so), the test images
+are created once and reused from --images (4 GiB raw half data half holes,
+2 GiB random raw, their qcow2 versions, and an 8 TiB qcow2 with 32,768
+extents).
+
+Both daemons get the same configuration (TLS remote service, unix local
+service, unix control socket) and run for the whole benchmark; every
+scenario runs on both, alternating which goes first, --runs times. Prints
+one table (ours and reference: median (min-max); the ratio ours/reference
+paired per run: median (min-max); the daemons' CPU seconds per GiB from
+/proc/PID/stat, worker processes included), the ceilings (nginx TLS,
+nbdcopy), the peak RSS of every daemon process, and whether each target of
+the performance issue is met. Writes everything as JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import (  # noqa: E402
+    BIN, GiB, MiB, REF_CLIENT, OUR_CLIENT, REPO, TiB, Daemon, Nginx,
+    KeepAliveReader, QemuNBD, Skip, UnixHTTPConnection, curl, ensureNginx,
+    findRefvenv, makeCert, makeImages, ourClientAvailable)
+
+MB = 1e6
+
+
+class Result:
+    """
+    One measurement: C{value} in the scenario's unit, the daemon CPU
+    seconds it took, and the bytes it moved (for CPU/GiB).
+    """
+
+    def __init__(self, value, cpu=None, nbytes=0, seconds=None):
+        self.value = value
+        self.cpu = cpu
+        self.nbytes = nbytes
+        self.seconds = seconds
+
+    def cpuPerGiB(self):
+        if self.cpu is None or not self.nbytes:
+            return None
+        return self.cpu / (self.nbytes / GiB)
+
+
+class Scenario:
+    """
+    @ivar measure: C{measure(daemon) -> Result}.
+    @ivar target: C{(op, threshold, text)}, op ">=" or "<=" on the ratio
+        ours / reference, or C{None}.
+    @ivar cpuTarget: the most CPU/GiB ours may use relative to the
+        reference, or C{None}.
+    """
+
+    def __init__(self, name, unit, measure, target=None, cpuTarget=None,
+                 higher=True, ours="ours", setup=None):
+        self.name = name
+        self.unit = unit
+        self.measure = measure
+        self.target = target
+        self.cpuTarget = cpuTarget
+        self.higher = higher
+        self.ours = ours
+        self.setup = setup
+        self.results = {}
+        self.skip = None
+        self.errors = []
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Scenario builders
+
+
+class Bench:
+
+    def __init__(self, args):
+        self.args = args
+        self.refvenv = findRefvenv(args.refvenv)
+        self.workdir = tempfile.mkdtemp(prefix="tximageio-bench-",
+                                        dir=args.workdir)
+        self.procs = []
+        self.daemons = {}
+        self.scenarios = []
+        self.ceilings = {}
+
+    # Set-up.
+
+    def setUp(self):
+        a = self.args
+        self.images, self.sizes = makeImages(a.images, a.scale, log)
+        self.key, self.cert = makeCert(self.workdir)
+        # Writable copies: uploads go to these.
+        self.nbdImage = os.path.join(self.workdir, "nbd-random.raw")
+        shutil.copyfile(self.images["random"], self.nbdImage)
+        self.nbd = self._qemu(self.nbdImage, "raw", "nbd-random.sock")
+        self.nbdExtents = self._qemu(self.images["extents.qcow2"], "qcow2",
+                                     "nbd-extents.sock", ("--read-only",))
+        ours = [os.path.join(BIN, "twistd"), "--pidfile=", "-n", "imageio"]
+        ref = [os.path.join(self.refvenv, "bin", "ovirt-imageio")]
+        level = a.log_level
+        workers = ""
+        if a.workers > 1:
+            workers = f"[daemon]\nworkers = {a.workers}\n"
+        self.daemons["ours"] = Daemon("ours", ours, self.workdir, self.cert,
+                                      self.key, level, workers)
+        self.daemons["ref"] = Daemon("ref", ref, self.workdir, self.cert,
+                                     self.key, level)
+        self.parallelOurs = "ours"
+        if (a.parallel_workers > 1 and a.parallel_workers != a.workers
+                and _haveWorkers()):
+            try:
+                self.daemons["ours-w%d" % a.parallel_workers] = Daemon(
+                    "ours-w%d" % a.parallel_workers, ours, self.workdir,
+                    self.cert, self.key, level,
+                    f"[daemon]\nworkers = {a.parallel_workers}\n")
+                self.parallelOurs = "ours-w%d" % a.parallel_workers
+            except RuntimeError as e:
+                log(f"workers={a.parallel_workers} daemon: {e}; the "
+                    f"parallel scenario uses ours with workers="
+                    f"{a.workers}")
+        self.nginx = None
+        if not a.no_nginx:
+            try:
+                if ensureNginx():
+                    self.nginx = Nginx(
+                        self.workdir,
+                        os.path.dirname(self.images["random"]), self.cert,
+                        self.key)
+                else:
+                    self.nginxSkip = "nginx not installed (and not root)"
+            except Skip as e:
+                self.nginxSkip = str(e)
+
+    def _qemu(self, image, fmt, name, extra=()):
+        q = QemuNBD(image, fmt, os.path.join(self.workdir, name), extra)
+        self.procs.append(q)
+        return q
+
+    def tearDown(self):
+        for d in self.daemons.values():
+            d.stop()
+        if self.nginx is not None:
+            self.nginx.stop()
+        for p in self.procs:
+            p.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # Scenarios.
+
+    def build(self):
+        size = self.sizes["random"]
+        for backend in ("file", "nbd"):
+            for op in ("download", "upload"):
+                for transport in ("tls", "unix"):
+                    self.scenarios.append(self._curlScenario(
+                        backend, op, transport, size))
+        for op in ("download", "upload"):
+            self.scenarios.append(self._clientScenario(op))
+        self.scenarios.append(self._parallelScenario(size))
+        for n in (4096, 65536, MiB):
+            self.scenarios.append(self._readsScenario(n))
+        self.scenarios.append(self._extentsScenario())
+        for backend in ("nbd", "file"):
+            self.scenarios.append(self._zeroScenario(backend))
+        self.scenarios.append(self._checksumScenario(size))
+        for op in ("download", "upload"):
+            s = Scenario(f"proxy {op} tls", "MB/s", None,
+                         target=(">=", 1.25, "single stream"))
+            s.skip = _proxySkip()
+            self.scenarios.append(s)
+        only = [w for w in (self.args.only or "").split(",") if w]
+        if only:
+            self.scenarios = [s for s in self.scenarios
+                              if any(w in s.name for w in only)]
+
+    def _tickets(self, url, size, **kw):
+        return {name: d.addTicket(url(name) if callable(url) else url, size,
+                                  **kw)
+                for name, d in self.daemons.items()}
+
+    def _curlScenario(self, backend, op, transport, size):
+        name = f"{op} {transport} {backend} curl"
+        s = Scenario(name, "MB/s", None, target=(">=", 1.25, "single stream"),
+                     cpuTarget=0.8)
+        state = {}
+
+        def setup():
+            if backend == "file" and op == "download":
+                url = "file://" + self.images["random"]
+            elif backend == "file":
+                targets = {n: os.path.join(self.workdir, f"target-{n}.raw")
+                           for n in self.daemons}
+                for path in targets.values():
+                    open(path, "wb").close()
+                state["targets"] = targets
+                url = lambda n: "file://" + targets[n]  # noqa: E731
+            else:
+                url = self.nbd.url
+            state["tickets"] = self._tickets(url, size)
+
+        def measure(d):
+            if "targets" in state:
+                # The same starting point for both: an empty sparse file.
+                path = state["targets"][d.name]
+                os.truncate(path, 0)
+                os.truncate(path, size)
+            args = [d.url(state["tickets"][d.name], transport)]
+            if transport == "tls":
+                args += ["--cacert", d.cert]
+            else:
+                args += ["--unix-socket", d.localSocket]
+            if op == "upload":
+                # No 100-continue round trip: the same for both daemons.
+                args += ["-T", self.images["random"], "-H", "Expect:"]
+            cpu = d.cpu()
+            seconds, code, down, up = curl(args)
+            cpu = d.cpu() - cpu
+            moved = down if op == "download" else up
+            if code != 200 or moved != size:
+                raise RuntimeError(f"status {code}, {moved} of {size} bytes")
+            return Result(size / seconds / MB, cpu, size, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _clientScenario(self, op):
+        name = f"{op} tls file client"
+        s = Scenario(name, "MB/s", None)
+        virtual = self.sizes["sparse"]
+        state = {}
+        ourClient = ourClientAvailable()
+
+        def setup():
+            if not ourClient:
+                s.skip = "not yet (imageio.client not importable)"
+                return
+            if op == "download":
+                state["tickets"] = self._tickets(
+                    "file://" + self.images["sparse"], virtual)
+            else:
+                targets = {n: os.path.join(self.workdir,
+                                           f"client-target-{n}.raw")
+                           for n in self.daemons}
+                for path in targets.values():
+                    open(path, "wb").close()
+                state["targets"] = targets
+                state["tickets"] = self._tickets(
+                    lambda n: "file://" + targets[n], virtual)
+
+        def measure(d):
+            tid = state["tickets"][d.name]
+            if d.name == "ref":
+                python = os.path.join(self.refvenv, "bin", "python")
+                script = REF_CLIENT
+            else:
+                python = sys.executable
+                script = OUR_CLIENT
+            if op == "download":
+                path = os.path.join(self.workdir, f"client-{d.name}.qcow2")
+                if os.path.exists(path):
+                    os.unlink(path)
+            else:
+                target = state["targets"][d.name]
+                os.truncate(target, 0)
+                os.truncate(target, virtual)
+                path = self.images["sparse.qcow2"]
+            cpu = d.cpu()
+            start = time.monotonic()
+            out = subprocess.run(
+                [python, "-c", script, op, d.url(tid), path, d.cert],
+                capture_output=True, text=True, timeout=1800, cwd=REPO)
+            seconds = time.monotonic() - start
+            cpu = d.cpu() - cpu
+            if out.returncode != 0:
+                raise RuntimeError(f"client failed: {out.stderr[-2000:]}")
+            if op == "download":
+                os.unlink(path)
+            return Result(virtual / seconds / MB, cpu, virtual, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _parallelScenario(self, size):
+        ours = self.parallelOurs
+        label = ours if ours != "ours" else f"ours-w{self.args.workers}"
+        s = Scenario(f"download tls file 4x range {label}", "MB/s", None,
+                     target=(">=", 1.0, "workers=2"), ours=ours)
+        state = {}
+
+        def setup():
+            state["tickets"] = self._tickets(
+                "file://" + self.images["random"], size)
+
+        def measure(d):
+            tid = state["tickets"][d.name]
+            part = size // 4
+            procs = []
+            cpu = d.cpu()
+            start = time.monotonic()
+            for i in range(4):
+                last = size - 1 if i == 3 else (i + 1) * part - 1
+                procs.append(subprocess.Popen(
+                    ["curl", "-sS", "--fail", "-o", "/dev/null",
+                     "--cacert", d.cert, "-r", f"{i * part}-{last}",
+                     d.url(tid)], stderr=subprocess.PIPE))
+            for p in procs:
+                if p.wait() != 0:
+                    raise RuntimeError(p.stderr.read().decode())
+            seconds = time.monotonic() - start
+            cpu = d.cpu() - cpu
+            return Result(size / seconds / MB, cpu, size, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _readsScenario(self, n):
+        label = {4096: "4k", 65536: "64k", MiB: "1m"}[n]
+        target = (">=", 2.0, "4 KiB requests") if n == 4096 else None
+        s = Scenario(f"random reads {label} tls keep-alive", "req/s", None,
+                     target=target)
+        size = self.sizes["random"]
+        state = {}
+        duration = self.args.reads_seconds
+
+        def setup():
+            state["tickets"] = self._tickets(
+                "file://" + self.images["random"], size)
+
+        def measure(d):
+            r = KeepAliveReader(d, state["tickets"][d.name], "tls")
+            try:
+                rnd = random.Random(n)
+                r.get(0, n)   # opens the backend
+                count = 0
+                cpu = d.cpu()
+                start = time.monotonic()
+                deadline = start + duration
+                while True:
+                    r.get(rnd.randrange(0, (size - n) // 4096) * 4096, n)
+                    count += 1
+                    if count % 16 == 0 and time.monotonic() >= deadline:
+                        break
+                seconds = time.monotonic() - start
+                cpu = d.cpu() - cpu
+            finally:
+                r.close()
+            return Result(count / seconds, cpu, count * n, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _extentsScenario(self):
+        s = Scenario("extents 8 TiB qcow2 nbd (32,768)", "s", None,
+                     target=("<=", 0.5, "time"), higher=False)
+        state = {}
+
+        def setup():
+            state["tickets"] = self._tickets(self.nbdExtents.url, 8 * TiB,
+                                             ops=("read",))
+
+        def measure(d):
+            con = UnixHTTPConnection(d.localSocket)
+            try:
+                cpu = d.cpu()
+                start = time.monotonic()
+                con.request("GET",
+                            f"/images/{state['tickets'][d.name]}/extents")
+                resp = con.getresponse()
+                body = resp.read()
+                seconds = time.monotonic() - start
+                cpu = d.cpu() - cpu
+            finally:
+                con.close()
+            if resp.status != 200:
+                raise RuntimeError(f"status {resp.status}: {body[:200]!r}")
+            count = len(json.loads(body))
+            if count != 32768:
+                raise RuntimeError(f"{count} extents, expected 32768")
+            return Result(seconds, cpu, 0, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _zeroScenario(self, backend):
+        s = Scenario(f"zero 8 TiB {backend}", "s", None,
+                     target=("<=", 1 / 1.25, "time"), higher=False)
+        state = {}
+
+        def setup():
+            urls = {}
+            for name in self.daemons:
+                # A sparse raw file (a qcow2 target makes qemu write 1 GiB
+                # of L2 tables, and that, not the daemon, takes a minute).
+                path = os.path.join(self.workdir, f"zero-{name}.raw")
+                with open(path, "wb") as f:
+                    f.truncate(8 * TiB)
+                if backend == "nbd":
+                    urls[name] = self._qemu(path, "raw",
+                                            f"zero-{name}.sock").url
+                else:
+                    urls[name] = "file://" + path
+            state["tickets"] = self._tickets(lambda n: urls[n], 8 * TiB,
+                                             sparse=True)
+
+        def measure(d):
+            con = UnixHTTPConnection(d.localSocket)
+            try:
+                cpu = d.cpu()
+                start = time.monotonic()
+                con.request("PATCH", f"/images/{state['tickets'][d.name]}",
+                            body=json.dumps({"op": "zero", "offset": 0,
+                                             "size": 8 * TiB}),
+                            headers={"content-type": "application/json"})
+                resp = con.getresponse()
+                body = resp.read()
+                seconds = time.monotonic() - start
+                cpu = d.cpu() - cpu
+            finally:
+                con.close()
+            if resp.status != 200:
+                raise RuntimeError(f"status {resp.status}: {body[:200]!r}")
+            return Result(seconds, cpu, 0, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _checksumScenario(self, size):
+        s = Scenario("checksum file random", "MB/s", None,
+                     target=(">=", 1.5, "checksum"))
+        state = {}
+
+        def setup():
+            state["tickets"] = self._tickets(
+                "file://" + self.images["random"], size)
+
+        def measure(d):
+            con = UnixHTTPConnection(d.localSocket)
+            try:
+                cpu = d.cpu()
+                start = time.monotonic()
+                con.request("GET",
+                            f"/images/{state['tickets'][d.name]}/checksum")
+                resp = con.getresponse()
+                body = resp.read()
+                seconds = time.monotonic() - start
+                cpu = d.cpu() - cpu
+            finally:
+                con.close()
+            if resp.status != 200:
+                raise RuntimeError(f"status {resp.status}: {body[:200]!r}")
+            state.setdefault("sums", {})[d.name] = json.loads(body)
+            return Result(size / seconds / MB, cpu, size, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    # Ceilings.
+
+    def measureCeilings(self):
+        size = self.sizes["random"]
+        want = set(s.name for s in self.scenarios)
+        if any("download tls file curl" == n for n in want):
+            if self.nginx is not None:
+                cpu = self.nginx.cpu()
+                seconds, code, down, _ = curl(
+                    ["--cacert", self.cert,
+                     f"https://localhost:{self.nginx.port}/random.raw"])
+                cpu = self.nginx.cpu() - cpu
+                if code != 200 or down != size:
+                    raise RuntimeError("nginx download failed")
+                self.ceilings.setdefault("nginx tls download", []).append(
+                    Result(size / seconds / MB, cpu, size, seconds))
+        if any("download unix nbd curl" == n for n in want):
+            start = time.monotonic()
+            subprocess.run(["nbdcopy", f"nbd+unix:///?socket={self.nbd.sock}",
+                            "null:"], check=True)
+            seconds = time.monotonic() - start
+            self.ceilings.setdefault("nbdcopy nbd download", []).append(
+                Result(size / seconds / MB, None, size, seconds))
+
+    # Running.
+
+    def run(self):
+        for s in self.scenarios:
+            if s.skip is None and s.setup is not None:
+                try:
+                    s.setup()
+                except Exception as e:
+                    s.skip = f"setup failed: {e}"
+                    traceback.print_exc()
+        for r in range(self.args.runs):
+            try:
+                self.measureCeilings()
+            except Exception as e:
+                log(f"ceiling failed: {e}")
+            for i, s in enumerate(self.scenarios):
+                if s.skip is not None:
+                    continue
+                names = [s.ours, "ref"]
+                if (r + i) % 2:
+                    names.reverse()
+                for name in names:
+                    for q in self.procs:
+                        if q.ensure():
+                            log(f"restarted qemu-nbd on {q.sock}")
+                    d = self.daemons[name]
+                    try:
+                        res = s.measure(d)
+                    except Exception as e:
+                        s.errors.append(f"{name}: {e}")
+                        log(f"run {r + 1}: {s.name}: {name} FAILED: {e}")
+                        if not d.alive():
+                            raise SystemExit(f"{name} daemon died, see "
+                                             f"{d.logPath}")
+                        continue
+                    s.results.setdefault(name, []).append(res)
+                    cpu = res.cpuPerGiB()
+                    log(f"run {r + 1}: {s.name:40} {name:7} "
+                        f"{res.value:10.2f} {s.unit}"
+                        + (f"  cpu {cpu:.2f} s/GiB" if cpu is not None
+                           else ""))
+
+    # Reporting.
+
+    def report(self):
+        rows = []
+        for s in self.scenarios:
+            row = {"name": s.name, "unit": s.unit, "ours_daemon": s.ours}
+            if s.skip is not None:
+                row["skip"] = s.skip
+                rows.append(row)
+                continue
+            for who, name in (("ours", s.ours), ("ref", "ref")):
+                res = s.results.get(name, [])
+                row[who] = _stats([x.value for x in res])
+                cpus = [x.cpuPerGiB() for x in res
+                        if x.cpuPerGiB() is not None]
+                row[who + "_cpu_per_gib"] = _stats(cpus)
+                row[who + "_cpu_s"] = _stats([x.cpu for x in res
+                                              if x.cpu is not None])
+            ours = [x.value for x in s.results.get(s.ours, [])]
+            ref = [x.value for x in s.results.get("ref", [])]
+            pairs = list(zip(ours, ref))
+            if pairs:
+                row["ratio"] = _stats([a / b for a, b in pairs if b])
+            oc = row.get("ours_cpu_per_gib") or {}
+            rc = row.get("ref_cpu_per_gib") or {}
+            if oc.get("median") and rc.get("median"):
+                row["cpu_ratio"] = oc["median"] / rc["median"]
+            row["target"] = _verdict(s, row)
+            row["errors"] = s.errors
+            rows.append(row)
+        ceilings = {name: _stats([x.value for x in res])
+                    for name, res in self.ceilings.items()}
+        if self.nginx is None:
+            ceilings["nginx tls download"] = {
+                "skip": getattr(self, "nginxSkip", "disabled")}
+        extra = _ceilingTargets(rows, ceilings)
+        rss = {}
+        for name, d in self.daemons.items():
+            rss[name] = {str(pid): hwm for pid, hwm in d.peakRSS().items()}
+        return {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "host": platform.node(), "cpus": os.cpu_count(),
+            "loadavg_end": os.getloadavg(),
+            "runs": self.args.runs, "scale": self.args.scale,
+            "sizes": self.sizes, "workers": self.args.workers,
+            "rows": rows, "ceilings": ceilings,
+            "ceiling_targets": extra, "peak_rss": rss,
+        }
+
+
+def _haveWorkers():
+    """
+    Whether our daemon implements C{[daemon] workers} (imageio/workers.py).
+    """
+    r = subprocess.run([sys.executable, "-c", "import imageio.workers"],
+                       capture_output=True, cwd=REPO)
+    return r.returncode == 0
+
+
+def _proxySkip():
+    path = os.path.join(REPO, "bench", "proxy_throughput.py")
+    if not os.path.exists(path):
+        return "not yet (bench/proxy_throughput.py is being written)"
+    return "not yet (run bench/proxy_throughput.py)"
+
+
+def _stats(values):
+    if not values:
+        return {}
+    values = sorted(values)
+    return {"median": statistics.median(values), "min": values[0],
+            "max": values[-1], "runs": values}
+
+
+def _verdict(s, row):
+    parts = []
+    ratio = row.get("ratio", {}).get("median")
+    if s.target is not None and ratio is not None:
+        op, limit, _ = s.target
+        ok = ratio >= limit if op == ">=" else ratio <= limit
+        parts.append(f"{'ok' if ok else 'FAIL'} ratio {op} {limit:.2f}")
+    cpu = row.get("cpu_ratio")
+    if s.cpuTarget is not None and cpu is not None:
+        ok = cpu <= s.cpuTarget
+        parts.append(f"{'ok' if ok else 'FAIL'} cpu <= {s.cpuTarget}")
+    return ", ".join(parts)
+
+
+def _ceilingTargets(rows, ceilings):
+    out = {}
+    byName = {r["name"]: r for r in rows}
+    nginx = ceilings.get("nginx tls download", {}).get("median")
+    tls = byName.get("download tls file curl", {}).get("ours", {})
+    if nginx and tls.get("median"):
+        f = tls["median"] / nginx
+        out["tls download / nginx"] = {
+            "value": f, "target": ">= 0.85",
+            "ok": f >= 0.85}
+    nbdcopy = ceilings.get("nbdcopy nbd download", {}).get("median")
+    unix = byName.get("download unix nbd curl", {}).get("ours", {})
+    if nbdcopy and unix.get("median"):
+        f = unix["median"] / nbdcopy
+        out["nbd unix download / nbdcopy"] = {
+            "value": f, "target": ">= 0.80", "ok": f >= 0.80}
+    return out
+
+
+def _fmt(st, unit):
+    if not st or "median" not in st:
+        return "-"
+    p = 3 if unit == "s" else (0 if st["median"] >= 100 else 2)
+    return f"{st['median']:.{p}f} ({st['min']:.{p}f}-{st['max']:.{p}f})"
+
+
+def printTable(report, out=sys.stdout):
+    w = out.write
+    w(f"\ntximageio vs ovirt-imageio 2.5.1 -- {report['date']}, "
+      f"{report['runs']} runs, {report['cpus']} cpus, load at end "
+      f"{report['loadavg_end'][0]:.2f}\n")
+    w(f"images: random {report['sizes']['random'] / GiB:g} GiB, sparse "
+      f"{report['sizes']['sparse'] / GiB:g} GiB; ours workers="
+      f"{report['workers']}\n")
+    w("values: median (min-max); ratio = ours/ref paired per run; "
+      "cpu = daemon CPU s/GiB\n\n")
+    head = (f"{'scenario':42} {'unit':5} {'ours':>20} {'ref':>20} "
+            f"{'ratio':>17} {'cpu ours':>8} {'cpu ref':>8}  target\n")
+    w(head)
+    w("-" * (len(head) + 20) + "\n")
+    for row in report["rows"]:
+        if "skip" in row:
+            w(f"{row['name']:42} {row['unit']:5} {row['skip']}\n")
+            continue
+        oc = row.get("ours_cpu_per_gib", {}).get("median")
+        rc = row.get("ref_cpu_per_gib", {}).get("median")
+        ratio = row.get("ratio", {})
+        rtxt = (f"{ratio['median']:.2f} ({ratio['min']:.2f}-"
+                f"{ratio['max']:.2f})" if ratio else "-")
+        w(f"{row['name']:42} {row['unit']:5} {_fmt(row['ours'], row['unit']):>20} "
+          f"{_fmt(row['ref'], row['unit']):>20} {rtxt:>17} "
+          f"{'' if oc is None else f'{oc:.2f}':>8} "
+          f"{'' if rc is None else f'{rc:.2f}':>8}  {row['target']}\n")
+        for e in row.get("errors", [])[:3]:
+            w(f"    error: {e[:150]}\n")
+    w("\nceilings:\n")
+    for name, st in report["ceilings"].items():
+        w(f"  {name:30} {st.get('skip') or _fmt(st, 'MB/s') + ' MB/s'}\n")
+    for name, t in report["ceiling_targets"].items():
+        w(f"  {name:30} {t['value']:.2f} (target {t['target']}: "
+          f"{'ok' if t['ok'] else 'FAIL'})\n")
+    w("\npeak RSS (VmHWM) per process:\n")
+    for name, procs in report["peak_rss"].items():
+        vals = ", ".join(f"{int(v) / MiB:.0f}" for v in procs.values())
+        worst = max((int(v) for v in procs.values()), default=0) / MiB
+        w(f"  {name:8} {vals} MiB  "
+          f"({'ok' if worst < 150 else 'FAIL'} < 150 MiB per process)\n")
+
+
+def main():
+    p = argparse.ArgumentParser(
+        description="tximageio vs the reference ovirt-imageio")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="image size factor (0.125 for a quick smoke run)")
+    p.add_argument("--only", help="comma separated substrings of scenario "
+                   "names to run")
+    p.add_argument("--images", default="/var/tmp/tximageio-bench-images",
+                   help="where the test images are made (reused)")
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--refvenv")
+    p.add_argument("--workers", type=int, default=1,
+                   help="[daemon] workers of our daemon")
+    p.add_argument("--parallel-workers", type=int, default=2,
+                   help="workers of our daemon for the 4x range scenario")
+    p.add_argument("--reads-seconds", type=float, default=3.0)
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--no-nginx", action="store_true")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (daemon logs)")
+    p.add_argument("--json", help="output file (default "
+                   "bench/results/run-DATE.json)")
+    args = p.parse_args()
+    if args.images == p.get_default("images") and args.scale != 1.0:
+        args.images += f"-{args.scale:g}"
+
+    started = time.monotonic()
+    bench = Bench(args)
+    try:
+        bench.setUp()
+        bench.build()
+        bench.run()
+        report = bench.report()
+    finally:
+        bench.tearDown()
+    report["elapsed_s"] = time.monotonic() - started
+    path = args.json or os.path.join(
+        REPO, "bench", "results",
+        "run-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    printTable(report)
+    print(f"\nJSON: {path}  ({report['elapsed_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
