@@ -24,7 +24,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["imageio", "imageio.*"])
     + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/imageio_tap.py"]},
+    package_data={"twisted": ["plugins/imageio_tap.py",
+                             "plugins/imageio_endpoints.py"]},
     install_requires=[
         "twisted[tls]>=23.10",
         "pyopenssl",

@@ -18,29 +18,25 @@ import socket
 import sys
 import uuid
 
-from OpenSSL import crypto
 from twisted.application import service
-from twisted.internet import defer, endpoints, ssl
+from twisted.internet import defer, endpoints
 from twisted.logger import (
     FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
     globalLogPublisher, textFileLogObserver)
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from zope.interface import implementer
 
+from imageio import endpoints as endpoints_
 from imageio import tickets
+from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
 from imageio.web.info import Info
 from imageio.web.tickets import Tickets
 
 __all__ = ["ImageioService", "StartupError", "configureLogging",
-           "tlsOptions", "bindAddress"]
+           "bindAddress"]
 
 _log = Logger()
-
-LISTEN_BACKLOG = 40
 
 
 class StartupError(Exception):
@@ -78,135 +74,51 @@ def bindAddress(host: str, port: int, preferIPv4: bool = False):
     return results[0]
 
 
-def _tcpEndpoint(reactor, host, port, preferIPv4=False):
-    family, address = bindAddress(host, port, preferIPv4)
-    if family == socket.AF_INET6:
-        return endpoints.TCP6ServerEndpoint(
-            reactor, port, backlog=LISTEN_BACKLOG, interface=address)
-    return endpoints.TCP4ServerEndpoint(
-        reactor, port, backlog=LISTEN_BACKLOG, interface=address)
+def _tcpDescription(host, port, preferIPv4=False, tls=None):
+    """
+    The strports string of a TCP service, bound as the reference binds.
+    """
+    _, address = bindAddress(host, port, preferIPv4)
+    if tls is not None:
+        return endpoints_.tlsDescription(address, port, tls)
+    return endpoints_.tcpDescription(address, port)
 
 
-def _unixEndpoint(reactor, path, mode=0o666):
+def _unixDescription(path, mode=None):
     if not path.startswith("\0"):
         # A stale pathname socket from an earlier run would make bind fail.
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-    # lockfile (wantPID) cannot work for abstract names (TWISTED-NOTES §3).
-    return endpoints.UNIXServerEndpoint(
-        reactor, path, backlog=LISTEN_BACKLOG, mode=mode, wantPID=False)
+    return endpoints_.unixDescription(path, mode)
 
 
-def _readPEM(path: str, what: str) -> bytes:
+def _serverEndpoint(reactor, description):
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise StartupError(f"cannot read TLS {what} {path!r}: {e.strerror}")
-
-
-def tlsOptions(tls):
-    """
-    Server TLS options from the C{[tls]} section: minimum TLS 1.2, or 1.1
-    with C{enable_tls1_1}; never TLS 1.0 (SPEC A3).
-
-    @raise StartupError: the key or certificate is missing or unreadable.
-    """
-    if not tls.key_file or not tls.cert_file:
-        raise StartupError(
-            "TLS is enabled, but [tls] key_file or cert_file is not set")
-    keyPEM = _readPEM(tls.key_file, "key file")
-    certPEM = _readPEM(tls.cert_file, "certificate file")
-    try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, keyPEM)
-    except crypto.Error:
-        raise StartupError(f"invalid TLS key file {tls.key_file!r}")
-    certs = []
-    marker = b"-----BEGIN CERTIFICATE-----"
-    for part in certPEM.split(marker)[1:]:
-        try:
-            certs.append(crypto.load_certificate(crypto.FILETYPE_PEM,
-                                                 marker + part))
-        except crypto.Error:
-            raise StartupError(
-                f"invalid TLS certificate file {tls.cert_file!r}")
-    if not certs:
-        raise StartupError(
-            f"no certificate in TLS certificate file {tls.cert_file!r}")
-    kw = {}
-    if tls.enable_tls1_1:
-        kw["insecurelyLowerMinimumTo"] = ssl.TLSVersion.TLSv1_1
-    else:
-        kw["raiseMinimumTo"] = ssl.TLSVersion.TLSv1_2
-    try:
-        opts = ssl.CertificateOptions(
-            privateKey=key.to_cryptography_key(),
-            certificate=certs[0].to_cryptography(),
-            extraCertChain=[c.to_cryptography() for c in certs[1:]] or None,
-            **kw)
-        ctx = opts.getContext()
-    except Exception as e:
-        raise StartupError(f"invalid TLS configuration: {e}")
-    if tls.enable_tls1_1:
-        # OpenSSL's security level refuses TLS 1.1 even when the minimum
-        # version allows it; CertificateOptions drops @SECLEVEL from its
-        # cipher strings, so set it on the (cached) context itself.
-        ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-    return opts
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class ReloadableTLS:
-    """
-    Server TLS whose key and certificate can be replaced while running
-    (SIGHUP, SPEC A3): each new connection takes the context current at its
-    handshake; connections already open keep theirs.
-
-    @ivar options: the current L{ssl.CertificateOptions}.
-    """
-
-    def __init__(self, tls):
-        self._tls = tls
-        self.options = tlsOptions(tls)
-
-    def reload(self) -> bool:
-        """
-        Read the key and certificate files again. On failure the old ones
-        stay in use and the error is logged.
-
-        @return: whether the new files are in use.
-        """
-        try:
-            self.options = tlsOptions(self._tls)
-        except StartupError as e:
-            _log.error("TLS reload failed, keeping the old certificate: "
-                       "{error}", error=e)
-            return False
-        _log.info("TLS key and certificate reloaded from {cert}",
-                  cert=self._tls.cert_file)
-        return True
-
-    def serverConnectionForTLS(self, protocol):
-        return self.options.serverConnectionForTLS(protocol)
+        return endpoints.serverFromString(reactor, description)
+    except TLSError as e:
+        raise StartupError(str(e))
 
 
 class _Listener(service.Service):
     """
-    One service's listening socket. Binds in C{privilegedStartService}
-    and fails synchronously, so startup errors stop the daemon at once.
+    One service's listening socket: a L{Site} on the endpoint a strports
+    string describes. Binds in C{privilegedStartService} and fails
+    synchronously, so startup errors stop the daemon at once.
 
+    @ivar description: the strports string.
+    @ivar endpoint: the endpoint parsed from it.
     @ivar port: the L{IListeningPort}, once bound.
     """
 
     port = None
 
-    def __init__(self, name, endpoint, factory, mode=None):
+    def __init__(self, name, reactor, description, factory):
         self.setName(name)
-        self.endpoint = endpoint
+        self.description = description
+        self.endpoint = _serverEndpoint(reactor, description)
         self.factory = factory
-        self.mode = mode
 
     def _listen(self):
         results = []
@@ -218,8 +130,9 @@ class _Listener(service.Service):
                 f"cannot listen for the {self.name} service: "
                 f"{results[0].getErrorMessage()}")
         self.port = results[0]
-        _log.info("{name} service listening on {address}", name=self.name,
-                  address=self.address())
+        _log.info("{name} service listening on {address} ({description})",
+                  name=self.name, address=self.address(),
+                  description=self.description.replace("\0", "@"))
 
     def address(self) -> str:
         host = self.port.getHost()
@@ -319,19 +232,18 @@ class ImageioService(service.MultiService):
 
     def _addRemote(self):
         cfg = self.config
-        site = self._imagesSite(withInfo=True)
-        factory = site
-        if cfg.tls.enable:
-            self.tls = ReloadableTLS(cfg.tls)
-            factory = TLSMemoryBIOFactory(self.tls, False, site)
-        endpoint = _tcpEndpoint(self.reactor, cfg.remote.host,
-                                cfg.remote.port)
-        _Listener("remote", endpoint, factory).setServiceParent(self)
+        description = _tcpDescription(
+            cfg.remote.host, cfg.remote.port,
+            tls=cfg.tls if cfg.tls.enable else None)
+        listener = _Listener("remote", self.reactor, description,
+                             self._imagesSite(withInfo=True))
+        listener.setServiceParent(self)
+        self.tls = getattr(listener.endpoint, "tls", None)
 
     def _addLocal(self):
-        site = self._imagesSite(withInfo=False)
-        endpoint = _unixEndpoint(self.reactor, self.config.local.socket)
-        _Listener("local", endpoint, site).setServiceParent(self)
+        _Listener("local", self.reactor,
+                  _unixDescription(self.config.local.socket),
+                  self._imagesSite(withInfo=False)).setServiceParent(self)
 
     def _addControl(self):
         cfg = self.config
@@ -340,13 +252,13 @@ class ImageioService(service.MultiService):
             self.store, removeTimeout=cfg.control.remove_timeout))
         site = makeSite(root, reactor=self.reactor, timeout=60)
         if cfg.control.transport == "tcp":
-            endpoint = _tcpEndpoint(self.reactor, "localhost",
-                                    cfg.control.port,
-                                    preferIPv4=cfg.control.prefer_ipv4)
+            description = _tcpDescription(
+                "localhost", cfg.control.port,
+                preferIPv4=cfg.control.prefer_ipv4)
         else:
-            endpoint = _unixEndpoint(self.reactor, cfg.control.socket,
-                                     mode=0o660)
-        _Listener("control", endpoint, site).setServiceParent(self)
+            description = _unixDescription(cfg.control.socket, mode=0o660)
+        _Listener("control", self.reactor, description,
+                  site).setServiceParent(self)
 
     def listener(self, name):
         """
