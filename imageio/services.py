@@ -200,6 +200,10 @@ class ImageioService(service.MultiService):
             # The reference binds a random abstract name and reports it.
             cfg = cfg.replace("local", socket=f"\0{uuid.uuid4()}")
         self.config = cfg
+        if cfg.daemon.workers != 1:
+            _log.warn("[daemon] workers = {n}: multi-process workers are not "
+                      "supported yet; serving from one process",
+                      n=cfg.daemon.workers)
         self.initialTicket = initialTicket
         self.clock = tickets.MonotonicClock(reactor)
         self.store = tickets.TicketStore(
