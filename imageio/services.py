@@ -19,7 +19,7 @@ import sys
 import uuid
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, protocol
 from twisted.logger import (
     FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
     globalLogPublisher, textFileLogObserver)
@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from imageio import endpoints as endpoints_
-from imageio import tickets
+from imageio import tickets, workers
 from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
 from imageio.web.info import Info
@@ -162,6 +162,33 @@ class _Listener(service.Service):
             return defer.maybeDeferred(port.stopListening)
 
 
+def imagesSite(store, cfg, reactor, threadpool, withInfo):
+    """
+    The Site serving C{/images} (and C{/info} when C{withInfo}): the
+    remote and local services, in the daemon or in a worker process.
+    """
+    from imageio.web.images import Images
+    from imageio.web.request import ImageioChannel, StreamingRequest
+    root = Root()
+    root.putChild(b"images", Images(store, cfg, reactor, threadpool))
+    if withInfo:
+        root.putChild(b"info", Info())
+    return makeSite(root, reactor=reactor,
+                    requestFactory=StreamingRequest,
+                    channelFactory=ImageioChannel,
+                    timeout=60)
+
+
+class _RefuseFactory(protocol.ServerFactory):
+    """
+    The factory of a listener only workers accept on (see L{WorkerPool}):
+    the main process never reads from it; if it did, it would refuse.
+    """
+
+    def buildProtocol(self, addr):
+        return None
+
+
 class _ThreadPoolService(service.Service):
     """
     Runs the bounded thread pool for blocking file I/O and hashing.
@@ -189,50 +216,57 @@ class ImageioService(service.MultiService):
     @ivar store: the L{tickets.TicketStore}.
     @ivar threadpool: the I/O L{ThreadPool}.
     @ivar tls: the remote service's L{ReloadableTLS}, or C{None}.
+    @ivar workers: the number of worker processes serving the remote and
+        local services, or 1 when this process serves them.
+    @ivar pool: the L{workers.WorkerPool}, or C{None} with one process.
     """
 
     tls = None
+    pool = None
 
-    def __init__(self, cfg, *, reactor, initialTicket=None):
+    def __init__(self, cfg, *, reactor, initialTicket=None, confDir=None):
         super().__init__()
         self.reactor = reactor
         if cfg.local.enable and cfg.local.socket == "":
             # The reference binds a random abstract name and reports it.
             cfg = cfg.replace("local", socket=f"\0{uuid.uuid4()}")
         self.config = cfg
-        if cfg.daemon.workers != 1:
-            _log.warn("[daemon] workers = {n}: multi-process workers are not "
-                      "supported yet; serving from one process",
-                      n=cfg.daemon.workers)
+        self.workers = cfg.daemon.workers
+        if self.workers > 1 and confDir is None:
+            # Workers load the configuration from the conf dir.
+            _log.warn("[daemon] workers = {n} needs --conf-dir; serving "
+                      "from one process", n=self.workers)
+            self.workers = 1
+        self.confDir = confDir
         self.initialTicket = initialTicket
         self.clock = tickets.MonotonicClock(reactor)
-        self.store = tickets.TicketStore(
+        storeClass = (workers.SharedTicketStore if self.workers > 1
+                      else tickets.TicketStore)
+        self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
         self.threadpool = ThreadPool(
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
         _ThreadPoolService(self.threadpool).setServiceParent(self)
 
-        self._addRemote()
+        imageListeners = [self._addRemote()]
         if cfg.local.enable:
-            self._addLocal()
+            imageListeners.append(self._addLocal())
         if cfg.control.enable:
             self._addControl()
-
-    def _imagesResource(self):
-        from imageio.web.images import Images
-        return Images(self.store, self.config, self.reactor, self.threadpool)
+        if self.workers > 1:
+            # Added last: started after the listeners are bound, stopped
+            # (workers terminated) before they close.
+            self.pool = workers.WorkerPool(
+                reactor, self.store.hub, self.workers, confDir,
+                imageListeners)
+            self.pool.setServiceParent(self)
 
     def _imagesSite(self, withInfo):
-        from imageio.web.request import ImageioChannel, StreamingRequest
-        root = Root()
-        root.putChild(b"images", self._imagesResource())
-        if withInfo:
-            root.putChild(b"info", Info())
-        return makeSite(root, reactor=self.reactor,
-                        requestFactory=StreamingRequest,
-                        channelFactory=ImageioChannel,
-                        timeout=60)
+        if self.workers > 1:
+            return _RefuseFactory()
+        return imagesSite(self.store, self.config, self.reactor,
+                          self.threadpool, withInfo)
 
     def _addRemote(self):
         cfg = self.config
@@ -243,11 +277,14 @@ class ImageioService(service.MultiService):
                              self._imagesSite(withInfo=True))
         listener.setServiceParent(self)
         self.tls = getattr(listener.endpoint, "tls", None)
+        return listener
 
     def _addLocal(self):
-        _Listener("local", self.reactor,
-                  _unixDescription(self.config.local.socket),
-                  self._imagesSite(withInfo=False)).setServiceParent(self)
+        listener = _Listener("local", self.reactor,
+                             _unixDescription(self.config.local.socket),
+                             self._imagesSite(withInfo=False))
+        listener.setServiceParent(self)
+        return listener
 
     def _addControl(self):
         cfg = self.config
@@ -283,10 +320,13 @@ class ImageioService(service.MultiService):
 
     def reloadTLS(self) -> bool:
         """
-        Reload the remote service's key and certificate (on SIGHUP).
+        Reload the remote service's key and certificate (on SIGHUP), here
+        and in the worker processes.
         """
         if self.tls is None:
             return False
+        if self.pool is not None:
+            self.pool.reloadTLS()
         return self.tls.reload()
 
     def installSignalHandlers(self) -> None:
@@ -306,7 +346,19 @@ class ImageioService(service.MultiService):
                       uuid=ticket.uuid)
         # twistd starts services before the reactor runs and installs its
         # signal handlers; ready means a SIGTERM from now on stops cleanly.
-        self.reactor.callWhenRunning(self._announceReady)
+        self.reactor.callWhenRunning(self._whenServing)
+
+    def _whenServing(self):
+        if self.pool is None:
+            self._announceReady()
+            return
+        # Ready once every worker has the tickets and accepts.
+        d = self.pool.whenReady()
+        d.addTimeout(30, self.reactor)
+        d.addErrback(lambda f: _log.warn(
+            "Workers did not all start in time: {error}",
+            error=f.getErrorMessage()))
+        d.addCallback(lambda _: self._announceReady())
 
     def _announceReady(self):
         if self.config.daemon.systemd_enable:

@@ -89,7 +89,8 @@ def makeService(options, reactor=None):
     try:
         services.configureLogging(cfg)
         svc = services.ImageioService(
-            cfg, reactor=reactor, initialTicket=options["initial-ticket"])
+            cfg, reactor=reactor, initialTicket=options["initial-ticket"],
+            confDir=options["conf-dir"])
         svc.installSignalHandlers()
         return svc
     except services.StartupError as e:

@@ -279,6 +279,18 @@ class Operation:
         self.finished = True
         self.ticket._operationFinished(self)
 
+    def release(self) -> None:
+        """
+        End the operation without recording its range or extending the
+        ticket, as if it had been canceled: its worker process died, so
+        nobody knows how much of it really happened. A pending cancel may
+        now complete. Never raises.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        self.ticket._operationFinished(self, record=False)
+
     @property
     def range(self) -> tuple[int, int]:
         """
@@ -323,6 +335,12 @@ class Ticket:
     """
 
     _log = Logger()
+
+    operationClass: type[Operation] = Operation
+    """
+    What L{startOperation} builds (a worker's replica reports its
+    operations to the main process through a subclass).
+    """
 
     def __init__(self, clock: IReactorTime, *, uuid: str, size: int,
                  ops: list, timeout: int, url: str,
@@ -492,9 +510,13 @@ class Ticket:
 
     def touch(self) -> None:
         """
-        Extend by C{timeout} and reset the idle time. Called when an
-        operation completes (and by OPTIONS on the ticket).
+        Extend by C{timeout} and reset the idle time. Called by the web
+        layer (OPTIONS on the ticket); completed operations do the same
+        through L{_touchNow}.
         """
+        self._touchNow()
+
+    def _touchNow(self) -> None:
         now = self._now()
         self.expires = now + self.timeout
         self._accessTime = now
@@ -520,6 +542,14 @@ class Ticket:
             raise TransferCanceled(self.transferId)
         self._contexts[id(context)] = context
 
+    def adoptContext(self, context: Any) -> None:
+        """
+        Like L{bind}, but never refused: for a connection that is already
+        bound in a worker process, which may have bound it before it
+        learned about a cancel. A cancel closes it like any other.
+        """
+        self._contexts[id(context)] = context
+
     def unbind(self, context: Any) -> None:
         """
         Detach a context. It is not closed: its owner closes it. Unknown
@@ -537,16 +567,40 @@ class Ticket:
         """
         if self.canceled:
             raise TransferCanceled(self.transferId)
-        op = Operation(self, offset, length)
+        op = self.operationClass(self, offset, length)
         self._ongoing.add(op)
         return op
 
-    def _operationFinished(self, op: Operation) -> None:
+    def adoptOperation(self, offset: int, length: int) -> Operation:
+        """
+        Register an operation that already runs elsewhere (in a worker
+        process, which authorized it against its replica of this ticket).
+        Never refused: the worker may have started it before it learned
+        about a cancel; it is flagged canceled then, and a cancel waits
+        for it like for any other.
+        """
+        op = Operation(self, offset, length)
+        op.canceled = self.canceled
+        self._ongoing.add(op)
+        return op
+
+    def markCanceled(self) -> None:
+        """
+        Refuse new operations and bindings and flag the running operations
+        canceled, without waiting or closing anything: what a worker's
+        replica does when the main process cancels the ticket (the main
+        process waits and closes).
+        """
+        self.canceled = True
+        for op in self._ongoing:
+            op.canceled = True
+
+    def _operationFinished(self, op: Operation, record: bool = True) -> None:
         self._ongoing.discard(op)
-        if self.canceled:
+        if self.canceled or not record:
             # A canceled operation is not recorded and does not extend the
             # ticket. The last one lets a waiting cancel complete.
-            if not self._ongoing and self._waiters:
+            if self.canceled and not self._ongoing and self._waiters:
                 self._log.debug(
                     "Last operation of transfer {transfer} finished",
                     transfer=self.transferId)
@@ -554,7 +608,7 @@ class Ticket:
             return
         if len(self.ops) == 1:
             self._completed.add(op.offset, op.offset + op.done)
-        self.touch()
+        self._touchNow()
 
     # -- cancel --------------------------------------------------------------
 
@@ -711,6 +765,14 @@ class ITicketStore(Interface):
         Iterate over the L{Ticket}s (for metrics).
         """
 
+    def flush():
+        """
+        Wait until the changes made so far are visible wherever requests
+        are authorized (the worker processes' replicas).
+
+        @return: L{Deferred} firing with C{None}; it never fails.
+        """
+
 
 @implementer(ITicketStore)
 class TicketStore:
@@ -725,14 +787,19 @@ class TicketStore:
 
     _log = Logger()
 
+    ticketClass: type[Ticket] = Ticket
+    """
+    What L{add} builds.
+    """
+
     def __init__(self, clock: IReactorTime, inactivityTimeout: int = 60):
         self._clock = clock
         self.inactivityTimeout = inactivityTimeout
         self._tickets: dict[str, Ticket] = {}
 
     def add(self, ticketDict: Any) -> Ticket:
-        ticket = Ticket.fromDict(ticketDict, self._clock,
-                                 self.inactivityTimeout)
+        ticket = self.ticketClass.fromDict(ticketDict, self._clock,
+                                           self.inactivityTimeout)
         self._tickets[ticket.uuid] = ticket
         return ticket
 
@@ -780,6 +847,10 @@ class TicketStore:
 
     def __contains__(self, ticketId: object) -> bool:
         return ticketId in self._tickets
+
+    def flush(self) -> Deferred[None]:
+        # One process: every change is visible at once.
+        return succeed(None)
 
 
 # ---------------------------------------------------------------------------

@@ -52,7 +52,11 @@ class Tickets(Resource):
         ticket = self.store.get(ticketId)
         return jsonBody(request, ticket.info())
 
-    def render_PUT(self, request):
+    # PUT, PATCH and DELETE answer once the change reached every worker
+    # process (store.flush), so a client may use the ticket at once.
+
+    @asyncRender
+    async def render_PUT(self, request):
         self._requireId(request)
         try:
             obj = readJSON(request)
@@ -64,9 +68,11 @@ class Tickets(Resource):
                        "size={size} url={url}", uuid=ticket.uuid,
                        transfer=ticket.transferId, ops=ticket.ops,
                        size=ticket.size, url=ticket.url)
+        await self.store.flush()
         return b""
 
-    def render_PATCH(self, request):
+    @asyncRender
+    async def render_PATCH(self, request):
         ticketId = self._requireId(request)
         try:
             obj = readJSON(request)
@@ -82,6 +88,7 @@ class Tickets(Resource):
         ticket.extend(timeout)
         self._log.info("Ticket {uuid} extended by {timeout} s",
                        uuid=ticketId, timeout=timeout)
+        await self.store.flush()
         return b""
 
     @asyncRender
@@ -93,4 +100,5 @@ class Tickets(Resource):
         else:
             await self.store.remove(ticketId, self.removeTimeout)
             self._log.info("Ticket {uuid} removed", uuid=ticketId)
+        await self.store.flush()
         emptyResponse(request, 204)
