@@ -31,6 +31,7 @@ setup(
         "pyopenssl",
         "service-identity",
         "treq",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["pytest", "pytest-twisted", "pytest-timeout", "hypothesis"],

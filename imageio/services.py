@@ -28,9 +28,11 @@ from twisted.python.threadpool import ThreadPool
 
 from imageio import endpoints as endpoints_
 from imageio import tickets, workers
+from imageio.metrics import Metrics
 from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
 from imageio.web.info import Info
+from imageio.web.metrics import MetricsPage
 from imageio.web.tickets import Tickets
 
 __all__ = ["ImageioService", "StartupError", "configureLogging",
@@ -162,10 +164,14 @@ class _Listener(service.Service):
             return defer.maybeDeferred(port.stopListening)
 
 
-def imagesSite(store, cfg, reactor, threadpool, withInfo):
+def imagesSite(store, cfg, reactor, threadpool, withInfo, metrics=None,
+               name=None):
     """
     The Site serving C{/images} (and C{/info} when C{withInfo}): the
     remote and local services, in the daemon or in a worker process.
+
+    @param metrics: the L{Metrics} to report to as service C{name}, or
+        C{None}.
     """
     from imageio.web.images import Images
     from imageio.web.request import ImageioChannel, StreamingRequest
@@ -173,10 +179,13 @@ def imagesSite(store, cfg, reactor, threadpool, withInfo):
     root.putChild(b"images", Images(store, cfg, reactor, threadpool))
     if withInfo:
         root.putChild(b"info", Info())
-    return makeSite(root, reactor=reactor,
+    site = makeSite(root, reactor=reactor,
                     requestFactory=StreamingRequest,
                     channelFactory=ImageioChannel,
                     timeout=60)
+    if metrics is not None:
+        metrics.instrument(site, name)
+    return site
 
 
 class _RefuseFactory(protocol.ServerFactory):
@@ -214,6 +223,7 @@ class ImageioService(service.MultiService):
     @ivar config: the L{imageio.config.Config} (with a random local socket
         name filled in when the configured one is empty).
     @ivar store: the L{tickets.TicketStore}.
+    @ivar metrics: the L{Metrics} every service of this process reports to.
     @ivar threadpool: the I/O L{ThreadPool}.
     @ivar tls: the remote service's L{ReloadableTLS}, or C{None}.
     @ivar workers: the number of worker processes serving the remote and
@@ -244,6 +254,10 @@ class ImageioService(service.MultiService):
                       else tickets.TicketStore)
         self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
+        # Per process: with workers, /metrics shows the main process's
+        # requests (control) and the ticket gauges, not the workers'
+        # transfers (not aggregated yet).
+        self.metrics = Metrics(self.store)
         self.threadpool = ThreadPool(
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
@@ -262,11 +276,11 @@ class ImageioService(service.MultiService):
                 imageListeners)
             self.pool.setServiceParent(self)
 
-    def _imagesSite(self, withInfo):
+    def _imagesSite(self, name, withInfo):
         if self.workers > 1:
             return _RefuseFactory()
         return imagesSite(self.store, self.config, self.reactor,
-                          self.threadpool, withInfo)
+                          self.threadpool, withInfo, self.metrics, name)
 
     def _addRemote(self):
         cfg = self.config
@@ -274,7 +288,7 @@ class ImageioService(service.MultiService):
             cfg.remote.host, cfg.remote.port,
             tls=cfg.tls if cfg.tls.enable else None)
         listener = _Listener("remote", self.reactor, description,
-                             self._imagesSite(withInfo=True))
+                             self._imagesSite("remote", withInfo=True))
         listener.setServiceParent(self)
         self.tls = getattr(listener.endpoint, "tls", None)
         return listener
@@ -282,7 +296,7 @@ class ImageioService(service.MultiService):
     def _addLocal(self):
         listener = _Listener("local", self.reactor,
                              _unixDescription(self.config.local.socket),
-                             self._imagesSite(withInfo=False))
+                             self._imagesSite("local", withInfo=False))
         listener.setServiceParent(self)
         return listener
 
@@ -291,7 +305,9 @@ class ImageioService(service.MultiService):
         root = Root()
         root.putChild(b"tickets", Tickets(
             self.store, removeTimeout=cfg.control.remove_timeout))
+        root.putChild(b"metrics", MetricsPage(self.metrics))
         site = makeSite(root, reactor=self.reactor, timeout=60)
+        self.metrics.instrument(site, "control")
         if cfg.control.transport == "tcp":
             description = _tcpDescription(
                 "localhost", cfg.control.port,

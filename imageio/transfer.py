@@ -14,11 +14,18 @@ C{check()} before every chunk, so a canceled ticket stops the transfer at
 the next chunk, and C{progress(n)} after every chunk. Neither calls
 C{finish()}: the caller owns the operation.
 
+Both may also report to the daemon's I{metrics}
+(L{imageio.metrics.Metrics}): once the backend is known they take its
+meter (C{metrics.meter(backend)}) and call C{read(nbytes, seconds)} after
+each backend read returns, C{write(nbytes, seconds)} after each backend
+write completes, C{seconds} being the time the backend took.
+
 Nothing here knows about HTTP: the client library uses the same classes.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from twisted.internet import defer
@@ -146,15 +153,15 @@ class DownloadProducer:
 
     @ivar written: bytes written to the consumer so far.
     @ivar _slots: reads in flight or waiting to be written, in offset order;
-        each a C{[length, result]} list, C{result} C{None} until the read
-        completes.
+        each a C{[length, result, started]} list, C{result} C{None} until
+        the read completes, C{started} the clock when it was issued.
     """
 
     _log = Logger()
 
     def __init__(self, backend, consumer, offset: int, length: int, *,
                  operation=None, depth: int | None = None,
-                 chunkSize: int = CHUNK_SIZE):
+                 chunkSize: int = CHUNK_SIZE, metrics=None):
         """
         @param backend: an L{imageio.backends.IBackend}.
         @param consumer: an L{IConsumer} (e.g. a L{twisted.web.http.Request}).
@@ -163,10 +170,12 @@ class DownloadProducer:
             C{None}.
         @param chunkSize: bytes per read and per write (capped by the
             backend's C{maxRequest}).
+        @param metrics: told about each backend read, or C{None}.
         """
         self._backend = backend
         self._consumer = consumer
         self._operation = operation
+        self._meter = None if metrics is None else metrics.meter(backend)
         self._depth = max(1, depth if depth is not None
                           else readDepth(backend))
         maxRequest = getattr(backend, "maxRequest", None) or chunkSize
@@ -222,7 +231,7 @@ class DownloadProducer:
         # Write what is ready, in order, until paused.
         while (not self._finished and not self._paused and self._slots
                and self._slots[0][1] is not None):
-            wanted, data = self._slots.popleft()
+            wanted, data, _ = self._slots.popleft()
             if len(data) < wanted:
                 # The image ended (or shrank) before the requested range.
                 self._fail(Failure(PartialContent(
@@ -256,7 +265,7 @@ class DownloadProducer:
                     self._fail(Failure())
                     return
             n = min(self._chunkSize, self._end - self._next)
-            slot = [n, None]
+            slot = [n, None, time.monotonic()]
             self._slots.append(slot)
             offset = self._next
             self._next += n
@@ -271,6 +280,10 @@ class DownloadProducer:
                 return
 
     def _readDone(self, data, slot) -> None:
+        if self._meter is not None:
+            # Counted even when the download ended meanwhile: the backend
+            # did read them.
+            self._meter.read(len(data), time.monotonic() - slot[2])
         if self._finished:
             return
         slot[1] = data
@@ -340,7 +353,7 @@ class UploadSink:
     def __init__(self, backend, offset: int, *, limit: int | None = None,
                  operation=None, producer=None, highWater: int = HIGH_WATER,
                  lowWater: int = LOW_WATER, writeSize: int | None = None,
-                 depth: int | None = None):
+                 depth: int | None = None, metrics=None):
         """
         @param backend: an L{imageio.backends.IBackend}, or a L{Deferred}
             firing with one.
@@ -354,6 +367,7 @@ class UploadSink:
             C{highWater}, capped by the backend's C{maxRequest}.
         @param depth: writes in flight; L{writeDepth} of the backend if
             C{None}.
+        @param metrics: told about each backend write, or C{None}.
         """
         if lowWater >= highWater:
             raise ValueError("lowWater must be below highWater")
@@ -361,6 +375,8 @@ class UploadSink:
         self._offset = offset
         self._limit = limit
         self._operation = operation
+        self._metrics = metrics
+        self._meter = None
         self._producer = producer
         self._highWater = highWater
         self._lowWater = lowWater
@@ -460,6 +476,8 @@ class UploadSink:
         if self._result is not None:
             return
         self.backend = backend
+        if self._metrics is not None:
+            self._meter = self._metrics.meter(backend)
         maxRequest = getattr(backend, "maxRequest", None)
         size = self._wantedWriteSize
         if maxRequest:
@@ -499,12 +517,13 @@ class UploadSink:
             self._offset += n
             self._inFlight += n
             self._writes += 1
+            started = time.monotonic()
             try:
                 d = self.backend.write(offset, data)
             except Exception:
                 d = defer.fail()
             d.addCallbacks(self._written, self._writeFailed,
-                           callbackArgs=(n,), errbackArgs=(n,))
+                           callbackArgs=(n, started), errbackArgs=(n,))
             if self._failure is not None:
                 return
         if (self._ended and not self._buffered and not self._writes
@@ -531,10 +550,12 @@ class UploadSink:
             return part if isinstance(part, bytes) else bytes(part)
         return b"".join(parts)
 
-    def _written(self, _, n: int) -> None:
+    def _written(self, _, n: int, started: float) -> None:
         self._inFlight -= n
         self._writes -= 1
         self.written += n
+        if self._meter is not None:
+            self._meter.write(n, time.monotonic() - started)
         if self._operation is not None:
             self._operation.progress(n)
         if (self._producer is not None and self._failure is None

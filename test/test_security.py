@@ -356,7 +356,7 @@ def test_tls_server_cipher_list(daemon):
     from OpenSSL import SSL
 
     from imageio.config import TLS
-    from imageio.services import tlsOptions
+    from imageio.tls import tlsOptions
     opts = tlsOptions(TLS(enable=True, key_file=daemon.pki.key,
                           cert_file=daemon.pki.cert))
     names = SSL.Connection(opts.getContext(), None).get_cipher_list()

@@ -284,6 +284,17 @@ class Request(server.Request):
 
     defaultContentType = None
 
+    def __init__(self, channel, *args, **kwargs):
+        super().__init__(channel, *args, **kwargs)
+        # The Site's metrics (imageio.metrics.Metrics.instrument) count the
+        # request when its response is finished or its connection lost:
+        # one hook for every way a request ends, early error responses of
+        # StreamingRequest included. A Site without metrics counts nothing.
+        site = getattr(channel, "site", None)
+        metrics = getattr(site, "metrics", None)
+        if metrics is not None:
+            metrics.trackRequest(self, site.metricsService)
+
     def process(self):
         self.site = self.channel.site
         self.setHeader(b"server", SERVER)

@@ -16,19 +16,25 @@ Every request that reads or writes image data runs as a ticket operation
 (L{imageio.tickets.Operation}): it counts in the ticket's C{transferred},
 stops at the next chunk when the ticket is canceled, and touches the ticket
 when it ends. Extents requests do not.
+
+Bytes and backend latencies go to the daemon's metrics
+(L{imageio.metrics}), found through the request's Site: the streaming
+pumps report their own reads and writes; the handlers here report zero,
+flush, extents, checksum and the proxy streams.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from imageio import backends, blkhash, errors, transfer
+from imageio import backends, blkhash, errors, metrics, transfer
 from imageio.backends import http as httpbackend
 from imageio.units import MiB
 from imageio.web import validate
@@ -147,6 +153,30 @@ def _allowedRange(offset: int, size: int, ticket) -> None:
             "Requested range out of allowed range", ticket.size)
 
 
+class _CountingOperation:
+    """
+    A ticket operation that also counts its progress as bytes moved: the
+    proxy streams (L{httpbackend}) report progress, but their data does not
+    pass through the metered pumps.
+    """
+
+    __slots__ = ("_operation", "_count")
+
+    def __init__(self, operation, count):
+        self._operation = operation
+        self._count = count
+
+    def check(self) -> None:
+        self._operation.check()
+
+    def progress(self, n: int) -> None:
+        self._operation.progress(n)
+        self._count(n)
+
+    def finish(self) -> None:
+        self._operation.finish()
+
+
 class _Upload:
     """
     The state of one streamed PUT, created by L{_Image.startBody} and used
@@ -168,18 +198,23 @@ class _Upload:
         self.ticket = ticket
         self.operation = operation
         self.flush = flush
+        self.metrics = metrics.forRequest(request)
         if not chunked and _isProxy(ticket):
             # A chunked body has no length to announce upstream (the
             # reference requires a Content-Length): it goes through the
             # backend's per-chunk writes below.
+            # The backend is still opening (a Deferred): name it by class.
+            meter = self.metrics.meter(httpbackend.HTTPBackend)
             self.sink = httpbackend.uploadStream(
                 backend, offset, limit, producer=request.transport,
-                operation=operation, flush=flush)
+                operation=_CountingOperation(operation, meter.writeBytes),
+                flush=flush)
             self.flush = False
         else:
             self.sink = transfer.UploadSink(
                 backend, offset, limit=limit, operation=operation,
-                producer=request.transport)
+                producer=request.transport,
+                metrics=self.metrics if self.metrics.enabled else None)
         self.sink.whenDone().addErrback(
             lambda f: request.bodyFailed(self._translate(f)))
 
@@ -297,16 +332,20 @@ class _Image(_Handler):
 
         self._log.debug("READ size={size} offset={offset} transfer={tid}",
                         size=size, offset=offset, tid=ticket.transferId)
+        stats = metrics.forRequest(request)
         op = ticket.startOperation(offset, size)
         try:
             readTo = getattr(backend, "readTo", None)
             if readTo is not None:
                 # The proxy backend: one upstream GET for the whole range,
                 # the client's socket pausing the upstream one.
-                await readTo(offset, size, request, operation=op)
+                await readTo(offset, size, request,
+                             operation=_CountingOperation(
+                                 op, stats.meter(backend).readBytes))
             else:
                 producer = transfer.DownloadProducer(
-                    backend, request, offset, size, operation=op)
+                    backend, request, offset, size, operation=op,
+                    metrics=stats if stats.enabled else None)
                 await producer.start()
         except transfer.ProducerStopped:
             # The client went away; nobody to answer.
@@ -368,7 +407,8 @@ class _Image(_Handler):
         try:
             await upload.wait()
             if upload.flush:
-                await upload.sink.backend.flush()
+                with upload.metrics.timed("flush"):
+                    await upload.sink.backend.flush()
         finally:
             upload.operation.finish()
         # Canceled while the last bytes were written: the reference answers
@@ -401,17 +441,22 @@ class _Image(_Handler):
         self._log.debug("ZERO size={size} offset={offset} flush={flush} "
                         "transfer={tid}", size=size, offset=offset,
                         flush=flush, tid=ticket.transferId)
+        stats = metrics.forRequest(request)
+        meter = stats.meter(backend)
         op = ticket.startOperation(offset, size)
         try:
             pos, end = offset, offset + size
             while pos < end:
                 op.check()
                 step = min(end - pos, MAX_ZERO_STEP)
+                started = time.monotonic()
                 await backend.zero(pos, step)
+                meter.zero(step, time.monotonic() - started)
                 op.progress(step)
                 pos += step
             if flush:
-                await backend.flush()
+                with stats.timed("flush"):
+                    await backend.flush()
         finally:
             op.finish()
         op.check()
@@ -422,7 +467,8 @@ class _Image(_Handler):
         self._log.info("FLUSH transfer={tid}", tid=ticket.transferId)
         op = ticket.startOperation(0, 0)
         try:
-            await backend.flush()
+            with metrics.forRequest(request).timed("flush"):
+                await backend.flush()
         finally:
             op.finish()
         op.check()
@@ -477,7 +523,8 @@ class _Extents(_Handler):
         length = _nonNegative(args, "length")
         self._log.info("EXTENTS transfer={tid} context={context}",
                        tid=ticket.transferId, context=context)
-        extents = await backend.extents(context)
+        with metrics.forRequest(request).timed("extents"):
+            extents = await backend.extents(context)
         if start is not None or length is not None:
             extents = _clip(extents, start or 0, length)
         if len(extents) > _BIG_EXTENTS:
@@ -559,24 +606,29 @@ class _Checksum(_Handler):
             "block_size={blockSize}", tid=ticket.transferId,
             algorithm=algorithm, blockSize=blockSize)
         size = backend.size()
+        stats = metrics.forRequest(request)
         op = ticket.startOperation(0, size)
         try:
-            result = await self._compute(backend, op, algorithm, blockSize,
-                                         size)
+            with stats.timed("checksum"):
+                result = await self._compute(backend, op, algorithm,
+                                             blockSize, size, stats)
         finally:
             op.finish()
         op.check()
         return jsonBody(request, result)
 
-    async def _compute(self, backend, op, algorithm, blockSize, size):
+    async def _compute(self, backend, op, algorithm, blockSize, size,
+                       stats):
         images = self.images
         hasher = blkhash.Hasher(algorithm, blockSize)
+        meter = stats.meter(backend)
 
         def inThread(f, *args):
             return deferToThreadPool(images.reactor, images.threadpool, f,
                                      *args)
 
-        extents = await backend.extents("zero")
+        with stats.timed("extents"):
+            extents = await backend.extents("zero")
         readSize = min(blockSize, getattr(backend, "maxRequest", blockSize)
                        or blockSize)
         # Hash one chunk in the pool while the next one is read.
@@ -596,7 +648,9 @@ class _Checksum(_Handler):
             while pos < end:
                 op.check()
                 n = min(readSize, end - pos)
+                started = time.monotonic()
                 data = await backend.read(pos, n)
+                meter.read(len(data), time.monotonic() - started)
                 if len(data) < n:
                     raise errors.PartialContent(n, len(data))
                 await hashing
