@@ -8,6 +8,7 @@ This is the only module that touches the global reactor.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 
@@ -78,6 +79,21 @@ def _loadTicket(path: str) -> dict:
     return ticket
 
 
+def _limitMallocArenas(arenas: int = 2) -> None:
+    """
+    Cap glibc's malloc arenas before the I/O threads start. Each thread that
+    allocates gets its own arena by default (up to 8 per core), and freed
+    1 MiB buffers stay in them: a 3-minute soak grew RSS by 30 MiB with the
+    default and stayed flat with 2 arenas. Same as MALLOC_ARENA_MAX=2, but
+    without depending on how the daemon is started.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def makeService(options, reactor=None):
     """
     Build the daemon's L{imageio.services.ImageioService}.
@@ -85,6 +101,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from imageio import services
+    _limitMallocArenas()
     cfg = options["config"]
     try:
         services.configureLogging(cfg)
