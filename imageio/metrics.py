@@ -83,7 +83,8 @@ class _BackendMeter:
     """
 
     __slots__ = ("_metrics", "_name", "_readBytes", "_writeBytes",
-                 "_zeroBytes", "_readSeconds", "_writeSeconds")
+                 "_zeroBytes", "_readSeconds", "_writeSeconds",
+                 "_zeroSeconds")
 
     def __init__(self, metrics: Metrics, name: str):
         self._metrics = metrics
@@ -93,6 +94,7 @@ class _BackendMeter:
         self._zeroBytes = metrics.bytes.labels(name, "zero")
         self._readSeconds = metrics.seconds.labels("read")
         self._writeSeconds = metrics.seconds.labels("write")
+        self._zeroSeconds = metrics.seconds.labels("zero")
 
     def read(self, nbytes: int, seconds: float) -> None:
         """
@@ -113,7 +115,7 @@ class _BackendMeter:
         A backend zero of C{nbytes} completed after C{seconds}.
         """
         self._zeroBytes.inc(nbytes)
-        self._metrics.seconds.labels("zero").observe(seconds)
+        self._zeroSeconds.observe(seconds)
 
     def readBytes(self, nbytes: int) -> None:
         """
@@ -219,6 +221,9 @@ class Metrics:
         if process:
             ProcessCollector(registry=self.registry)
         self._meters: dict[str, _BackendMeter] = {}
+        # Label children of the requests counter by (service, raw method,
+        # status): labels() costs a lock and a tuple per request.
+        self._requestCounters: dict = {}
 
     def instrument(self, site, service: str) -> None:
         """
@@ -259,16 +264,22 @@ class Metrics:
         Count C{request} once its response is finished, or as C{aborted}
         if its connection is lost first.
         """
-        counter = self.requests
+        children = self._requestCounters
 
         def count(status):
-            method = request.method.decode("ascii", "replace")
-            if method not in METHODS:
-                method = "other"
-            counter.labels(service, method, status).inc()
+            key = (service, request.method, status)
+            child = children.get(key)
+            if child is None:
+                method = request.method.decode("ascii", "replace")
+                if method not in METHODS:
+                    method = "other"
+                child = self.requests.labels(service, method, str(status))
+                if len(children) < 1000:
+                    children[key] = child
+            child.inc()
 
         request.notifyFinish().addCallbacks(
-            lambda _: count(str(request.code)), lambda _: count("aborted"))
+            lambda _: count(request.code), lambda _: count("aborted"))
 
     def exposition(self) -> bytes:
         """

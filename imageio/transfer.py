@@ -482,12 +482,15 @@ class UploadSink:
         size = self._wantedWriteSize
         if maxRequest:
             size = min(size, maxRequest)
-        # Never wait for more than the high-water mark: we would pause the
-        # producer before a write could start, and stall.
-        self._writeSize = max(1, min(size, self._highWater // 2))
         depth = self._wantedDepth
         self._depth = max(1, depth if depth is not None
                           else writeDepth(backend))
+        # Never wait for more than the high-water mark: we would pause the
+        # producer before a write could start, and stall. With several
+        # writes in flight, make them small enough that all of them fit
+        # under the mark (else only two ever run).
+        self._writeSize = max(1, min(size, self._highWater // max(
+            2, self._depth)))
         if self._failure is not None:
             self._settle()
         else:

@@ -8,6 +8,8 @@ caller may keep several reads or writes in flight on one backend.
 
 from __future__ import annotations
 
+from collections import deque
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +29,9 @@ DEFAULT_BUFFER_SIZE = 8 * MiB
 # Block status is asked for in steps of this size, which bounds the number
 # of extents held at once for a fragmented image (as the reference does).
 MAX_STATUS_STEP = 2 * GiB
+
+# Block status requests in flight while listing extents.
+STATUS_DEPTH = 8
 
 # Internal extent flags: base:allocation's HOLE and ZERO bits as they are,
 # plus a bit each for "dirty" (bitmap bit 0) and "backing" (allocation
@@ -218,13 +223,52 @@ class NBDBackend:
         return d.addErrback(_wrap("block status"))
 
     async def _extents(self, dirty: bool) -> list:
-        client = self._client
         end = self._size
-        offset = 0
+        steps = [(o, min(o + MAX_STATUS_STEP, end))
+                 for o in range(0, end, MAX_STATUS_STEP)]
         merged: list[list[int]] = []   # [start, length, flags]
+        # Up to STATUS_DEPTH steps are asked for at once (the server
+        # answers them concurrently), and merged in order.
+        pending: deque = deque()
+        failed = []
+        try:
+            for i, (first, last) in enumerate(steps):
+                pending.append(defer.ensureDeferred(
+                    self._statusStep(first, last, dirty)))
+                if len(pending) < STATUS_DEPTH and i + 1 < len(steps):
+                    continue
+                self._merge(merged, await pending.popleft())
+            while pending:
+                self._merge(merged, await pending.popleft())
+        except BaseException:
+            # Never cancel: cancelling one NBD request aborts the
+            # connection. Let the others end; their errors are ours.
+            for d in pending:
+                d.addErrback(failed.append)
+            raise
+        if dirty:
+            return [DirtyExtent(s, n, bool(f & _DIRTY), bool(f & _ZERO))
+                    for s, n, f in merged]
+        return [ZeroExtent(s, n, bool(f & _ZERO), bool(f & _BACKING))
+                for s, n, f in merged]
+
+    @staticmethod
+    def _merge(merged: list, step: list) -> None:
+        for start, length, flags in step:
+            if merged and merged[-1][2] == flags:
+                merged[-1][1] += length
+            else:
+                merged.append([start, length, flags])
+
+    async def _statusStep(self, offset: int, end: int, dirty: bool) -> list:
+        """
+        The extents of C{[offset, end)} as C{[start, length, flags]},
+        asking again while the server answers for less than the range.
+        """
+        client = self._client
+        result: list[list[int]] = []
         while offset < end:
-            step = min(end - offset, MAX_STATUS_STEP)
-            reply = await client.blockStatus(offset, step)
+            reply = await client.blockStatus(offset, end - offset)
             base = reply.get(nbd.BASE_ALLOCATION)
             if dirty:
                 marks = [(n, _DIRTY if f & nbd.STATE_DIRTY else 0)
@@ -243,19 +287,15 @@ class NBDBackend:
             for length, flags in extents:
                 # The last extent may reach past the range asked for.
                 length = min(length, end - offset)
-                if merged and merged[-1][2] == flags:
-                    merged[-1][1] += length
+                if result and result[-1][2] == flags:
+                    result[-1][1] += length
                 else:
-                    merged.append([offset, length, flags])
+                    result.append([offset, length, flags])
                 offset += length
                 if offset == end:
                     # Ignore anything a non-compliant server sends beyond.
                     break
-        if dirty:
-            return [DirtyExtent(s, n, bool(f & _DIRTY), bool(f & _ZERO))
-                    for s, n, f in merged]
-        return [ZeroExtent(s, n, bool(f & _ZERO), bool(f & _BACKING))
-                for s, n, f in merged]
+        return result
 
     def close(self) -> defer.Deferred[None]:
         if self._closed is None:

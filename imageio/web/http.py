@@ -359,6 +359,35 @@ class Root(Resource):
         raise errors.NotFound(f"No handler for {requestPath(request)!r}")
 
 
+class _AccessLine:
+    """
+    An access log line formatted only if an observer wants it.
+    """
+
+    __slots__ = ("_site", "_request")
+
+    def __init__(self, site, request):
+        self._site = site
+        self._request = request
+
+    def __str__(self):
+        site = self._site
+        return site._logFormatter(site._logDateTime, self._request)
+
+
+class _Site(server.Site):
+    """
+    A Site whose access log is a debug event (Twisted's goes to the legacy
+    log at info level, one formatted line per request: a sixth of the CPU
+    of a small Range GET).
+    """
+
+    _accessLog = Logger(namespace="imageio.web.access")
+
+    def log(self, request) -> None:
+        self._accessLog.debug("{line}", line=_AccessLine(self, request))
+
+
 def makeSite(root, *, reactor, requestFactory=Request, channelFactory=None,
              timeout=60):
     """
@@ -370,7 +399,7 @@ def makeSite(root, *, reactor, requestFactory=Request, channelFactory=None,
     @param timeout: idle seconds before a connection is dropped (the
         reference's 60 s for connections not yet bound to a ticket).
     """
-    site = server.Site(root, requestFactory=requestFactory, reactor=reactor)
+    site = _Site(root, requestFactory=requestFactory, reactor=reactor)
     site.timeOut = timeout
     site.displayTracebacks = False
     if channelFactory is not None:

@@ -336,7 +336,24 @@ class _Image(_Handler):
         op = ticket.startOperation(offset, size)
         try:
             readTo = getattr(backend, "readTo", None)
-            if readTo is not None:
+            if readTo is None and size <= transfer.CHUNK_SIZE:
+                # Small range: one read, one write; no producer to set up
+                # (a transport buffers one chunk without harm).
+                op.check()
+                started = time.monotonic()
+                data = await backend.read(offset, size)
+                if stats.enabled:
+                    stats.meter(backend).read(len(data),
+                                              time.monotonic() - started)
+                if len(data) < size:
+                    raise errors.PartialContent(size, len(data))
+                if request._disconnected:
+                    return None
+                op.check()
+                request.write(data if isinstance(data, bytes)
+                              else bytes(data))
+                op.progress(size)
+            elif readTo is not None:
                 # The proxy backend: one upstream GET for the whole range,
                 # the client's socket pausing the upstream one.
                 await readTo(offset, size, request,
