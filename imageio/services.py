@@ -21,12 +21,15 @@ import uuid
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+    FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
     globalLogPublisher, textFileLogObserver)
+from twisted.logger import Logger as TwistedLogger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from imageio.logs import Logger
 from imageio import endpoints as endpoints_
+from imageio import logs
 from imageio import tickets, workers
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
@@ -39,6 +42,10 @@ __all__ = ["ImageioService", "StartupError", "configureLogging",
            "bindAddress"]
 
 _log = Logger()
+
+# Where the services listen and when they are ready is logged whatever the
+# configured level: with port 0 it is the only way to learn the port.
+_lifecycle = TwistedLogger(namespace=__name__)
 
 
 class StartupError(Exception):
@@ -132,9 +139,10 @@ class _Listener(service.Service):
                 f"cannot listen for the {self.name} service: "
                 f"{results[0].getErrorMessage()}")
         self.port = results[0]
-        _log.info("{name} service listening on {address} ({description})",
-                  name=self.name, address=self.address(),
-                  description=self.description.replace("\0", "@"))
+        _lifecycle.info("{name} service listening on {address} "
+                        "({description})",
+                        name=self.name, address=self.address(),
+                        description=self.description.replace("\0", "@"))
 
     def address(self) -> str:
         host = self.port.getHost()
@@ -379,7 +387,7 @@ class ImageioService(service.MultiService):
     def _announceReady(self):
         if self.config.daemon.systemd_enable:
             _notifySystemd(b"READY=1")
-        _log.info("imageio ready")
+        _lifecycle.info("imageio ready")
 
     def _dropPrivileges(self):
         cfg = self.config.daemon
@@ -483,12 +491,14 @@ def _logFiles(cfg):
 
 def configureLogging(cfg, publisher=globalLogPublisher):
     """
-    Add log observers for the handlers C{[logger_root]} names: a file
-    handler writes to its file; a stream handler is left to twistd, which
-    already logs to stdout/stderr (or its own log file). The root level
-    filters what we add.
+    Apply C{[logger_root]}: its level drops our events below it at the
+    source (L{imageio.logs}: twistd's own observer has no filter), and a
+    file handler it names gets an observer writing to its file; a stream
+    handler is left to twistd, which already logs to stdout/stderr (or its
+    own log file).
     """
     level = _LEVELS.get(cfg.logger_root.level.upper(), LogLevel.info)
+    logs.setLevel(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     for path in _logFiles(cfg):
         directory = os.path.dirname(path)

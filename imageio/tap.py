@@ -79,17 +79,24 @@ def _loadTicket(path: str) -> dict:
     return ticket
 
 
-def _limitMallocArenas(arenas: int = 2) -> None:
+def _tuneMalloc(arenas: int = 2, mmapThreshold: int = 512 * 1024) -> None:
     """
-    Cap glibc's malloc arenas before the I/O threads start. Each thread that
-    allocates gets its own arena by default (up to 8 per core), and freed
-    1 MiB buffers stay in them: a 3-minute soak grew RSS by 30 MiB with the
-    default and stayed flat with 2 arenas. Same as MALLOC_ARENA_MAX=2, but
-    without depending on how the daemon is started.
+    Keep glibc malloc from holding on to freed transfer buffers.
+
+    Every chunk a transfer moves is a 0.1-8 MiB buffer. By default each
+    thread that allocates gets its own arena, and glibc raises its mmap
+    threshold after such a buffer is freed, so later ones come from the
+    arenas' heaps, which fragment: a 10-minute soak of 16 transfers grew
+    from 190 to 245 MiB RSS (idle after: 208 MiB). With 2 arenas and a fixed
+    512 KiB threshold (buffers are mmapped and returned to the system when
+    freed) the same load stayed at 127-166 MiB (idle after: 94 MiB). Same
+    as MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=524288, but without
+    depending on how the daemon is started.
     """
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        libc.mallopt(-3, mmapThreshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc
 
@@ -101,7 +108,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from imageio import services
-    _limitMallocArenas()
+    _tuneMalloc()
     cfg = options["config"]
     try:
         services.configureLogging(cfg)

@@ -34,9 +34,9 @@ from urllib.parse import urlparse, urlunparse
 from twisted.internet.defer import (
     Deferred, DeferredList, maybeDeferred, succeed)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from imageio.logs import Logger
 from imageio.backends import SCHEMES
 from imageio.errors import BadRequest, Canceled, Conflict, Forbidden, NotFound
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import Logger
 from zope.interface import implementer
+
+from imageio.logs import Logger
 
 __all__ = ["TLSError", "TLSFiles", "tlsOptions", "ReloadableTLS"]
 

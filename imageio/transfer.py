@@ -30,10 +30,10 @@ from collections import deque
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.errors import PartialContent
 from imageio.units import MiB
 

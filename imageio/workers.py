@@ -52,11 +52,11 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.logger import (
-    FilteringLogObserver, LogLevelFilterPredicate, Logger,
-    globalLogBeginner, textFileLogObserver)
+    FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner, textFileLogObserver)
 from twisted.protocols import amp
 from twisted.python.threadpool import ThreadPool
 
+from imageio.logs import Logger
 from imageio import tickets
 from imageio.errors import Conflict
 
@@ -909,6 +909,8 @@ def main(argv=None) -> None:
 
     from imageio import config as _config
     from imageio import services
+    from imageio.tap import _tuneMalloc
+    _tuneMalloc()
     cfg = _config.load(args.conf_dir)
     globalLogBeginner.beginLoggingTo([_observer(cfg, args.index)],
                                      redirectStandardIO=False)

@@ -617,3 +617,29 @@ def test_systemd_ready_notification(tmp_path, pki, abstract):
             con.close()
         finally:
             d.stop()
+
+
+def test_log_level_applies_to_stdout(tmp_path, pki):
+    """
+    [logger_root] level = WARNING: no per-request lines reach twistd's
+    stdout observer (it has no filter of its own), while the lifecycle
+    lines (listening on, ready) still do.
+    """
+    d = start(tmp_path, pki, extra={"logger_root": {"level": "WARNING"}})
+    try:
+        con = httpsConnection(d.remotePort, pki.ca)
+        for _ in range(3):
+            assert request(con, "GET", "/info/")[0] == 200
+            assert request(con, "GET", "/images/nope")[0] == 403
+        con.close()
+        sock = controlSocket(tmp_path)
+        assert controlRequest(sock, "PUT", "/tickets/t",
+                              dict(VDSM_TICKET, uuid="t"))[0] == 200
+    finally:
+        d.stop()
+    out = d.output()
+    assert "imageio ready" in out
+    assert "remote service listening on" in out
+    assert "/info/" not in out
+    assert "/images/nope" not in out
+    assert "Ticket t added" not in out

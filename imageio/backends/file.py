@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent

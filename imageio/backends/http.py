@@ -45,7 +45,6 @@ from twisted.internet.endpoints import (
     HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS)
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone)
@@ -53,6 +52,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import (
     BackendError, BadRequest, HTTPError, InternalError, UnsupportedOperation)

@@ -11,9 +11,9 @@ cancelled) and let it finish later with L{MemoryBackend.release}.
 from __future__ import annotations
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import DirtyExtent, ZeroExtent

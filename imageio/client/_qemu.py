@@ -21,7 +21,8 @@ import tempfile
 
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger
+
+from imageio.logs import Logger
 
 __all__ = ["QemuError", "info", "measure", "create", "QemuNBD", "start_nbd",
            "QEMU_IMG", "QEMU_NBD"]

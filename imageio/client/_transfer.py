@@ -27,12 +27,12 @@ from treq.client import HTTPClient
 from twisted.internet import defer, ssl
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator, IPushProducer)
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from imageio.logs import Logger
 from imageio.backends import http as http_backend
 from imageio.errors import BackendError, HTTPError, InternalError
 from imageio.transfer import DownloadProducer, UploadSink, HIGH_WATER

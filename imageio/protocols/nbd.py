@@ -27,9 +27,9 @@ from typing import Callable
 from twisted.internet import defer
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from imageio.logs import Logger
 from imageio.protocols import nbdurl
 
 __all__ = [

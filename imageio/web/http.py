@@ -20,11 +20,11 @@ import os
 from urllib.parse import unquote
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
 
+from imageio.logs import Logger
 from imageio import __version__
 from imageio import errors
 

@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
+from imageio.logs import Logger
 from imageio import backends, blkhash, errors, metrics, transfer
 from imageio.backends import http as httpbackend
 from imageio.units import MiB

@@ -23,11 +23,11 @@ from __future__ import annotations
 import io
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
+from imageio.logs import Logger
 from imageio import errors
 from imageio.units import KiB, MiB
 from imageio.web.http import SERVER, Request, errorResponse

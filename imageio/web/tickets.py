@@ -6,8 +6,8 @@ C{/tickets/{id}}: the control API used by vdsm (unix socket) and the engine
 
 from __future__ import annotations
 
-from twisted.logger import Logger
 
+from imageio.logs import Logger
 from imageio import errors
 from imageio.web import validate
 from imageio.web.http import (
