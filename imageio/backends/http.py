@@ -711,9 +711,22 @@ class HTTPBackend:
             length = min(length, self._size - offset)
         if length <= 0:
             return defer.succeed(b"")
+        d = self._getRange(offset, length)
+        d.addCallback(_readBody, length)
+        return d
+
+    def _getRange(self, offset: int, length: int) -> defer.Deferred:
+        """
+        Send C{GET} with C{range: bytes=a-b}.
+
+        @return: L{Deferred} firing with the response once it is a 206 of
+            exactly C{length} bytes (its body not read yet); otherwise
+            failing with the remote's error (passed through) or a
+            L{BackendError}.
+        """
         d = self._request("GET", headers=self._range(offset, length))
 
-        def got(response):
+        def check(response):
             if response.code != 206:
                 return self._failResponse(response, "GET")
             if response.length != length:
@@ -721,9 +734,9 @@ class HTTPBackend:
                 raise BackendError(
                     f"GET {self._netloc}{self._path}: expected {length} "
                     f"bytes, the remote sends {response.length}")
-            return _readBody(response, length)
+            return response
 
-        d.addCallback(got)
+        d.addCallback(check)
         return d
 
     def write(self, offset: int, data) -> defer.Deferred[None]:
@@ -889,16 +902,9 @@ class HTTPBackend:
             return defer.fail()
         if length <= 0:
             return defer.succeed(0)
-        d = self._request("GET", headers=self._range(offset, length))
+        d = self._getRange(offset, length)
 
         def got(response):
-            if response.code != 206:
-                return self._failResponse(response, "GET")
-            if response.length != length:
-                response.deliverBody(_Drop())
-                raise BackendError(
-                    f"GET {self._netloc}{self._path}: expected {length} "
-                    f"bytes, the remote sends {response.length}")
             stream = _StreamTo(consumer, length, operation,
                                f"{self._netloc}{self._path}")
             self._active.add(stream.done)
