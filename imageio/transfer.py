@@ -39,7 +39,7 @@ from imageio.units import MiB
 
 __all__ = [
     "DownloadProducer", "UploadSink", "LimitExceeded", "ProducerStopped",
-    "readDepth", "writeDepth", "CHUNK_SIZE", "HIGH_WATER", "LOW_WATER",
+    "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE", "HIGH_WATER", "LOW_WATER",
 ]
 
 CHUNK_SIZE = 1 * MiB
@@ -322,6 +322,35 @@ class DownloadProducer:
         self._unregister()
 
 
+def whenResult(result, waiters: list) -> defer.Deferred:
+    """
+    A new L{Deferred} for a one-shot C{result}: fired now if the result is
+    known (a value, or a L{Failure} to errback with), else added to
+    C{waiters} for L{fireWaiters}. C{None} means not known yet.
+    """
+    d: defer.Deferred = defer.Deferred()
+    if result is None:
+        waiters.append(d)
+    elif isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
+    return d
+
+
+def fireWaiters(waiters: list, result) -> None:
+    """
+    Fire and empty the C{waiters} of L{whenResult} with C{result}.
+    """
+    pending = list(waiters)
+    waiters.clear()
+    for d in pending:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
 class UploadSink:
     """
     Write a stream of bytes to a backend, starting at C{offset}.
@@ -454,14 +483,7 @@ class UploadSink:
             once the stream ended and every byte is written, or failing
             with the first error once no write is in flight any more.
         """
-        d: defer.Deferred[int] = defer.Deferred()
-        if self._result is None:
-            self._waiters.append(d)
-        elif isinstance(self._result, Failure):
-            d.errback(self._result)
-        else:
-            d.callback(self._result)
-        return d
+        return whenResult(self._result, self._waiters)
 
     @property
     def failed(self) -> bool:
@@ -590,9 +612,4 @@ class UploadSink:
         self._notify()
 
     def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(self._result, Failure):
-                d.errback(self._result)
-            else:
-                d.callback(self._result)
+        fireWaiters(self._waiters, self._result)

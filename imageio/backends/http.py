@@ -57,7 +57,8 @@ from imageio.backends import IBackend
 from imageio.errors import (
     BackendError, BadRequest, HTTPError, InternalError, UnsupportedOperation)
 from imageio.extents import DirtyExtent, ZeroExtent
-from imageio.transfer import LimitExceeded, ProducerStopped
+from imageio.transfer import (
+    LimitExceeded, ProducerStopped, fireWaiters, whenResult)
 from imageio.units import KiB, MiB
 
 __all__ = ["open", "HTTPBackend", "UploadStream", "uploadStream",
@@ -1270,14 +1271,7 @@ class UploadStream:
         @return: a new L{Deferred} firing with C{length} once the remote
             accepted the whole body, or failing with the first error.
         """
-        d: defer.Deferred[int] = defer.Deferred()
-        if self._result is None:
-            self._waiters.append(d)
-        elif isinstance(self._result, Failure):
-            d.errback(self._result)
-        else:
-            d.callback(self._result)
-        return d
+        return whenResult(self._result, self._waiters)
 
     @property
     def failed(self) -> bool:
@@ -1397,9 +1391,4 @@ class UploadStream:
         self._notify()
 
     def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(self._result, Failure):
-                d.errback(self._result)
-            else:
-                d.callback(self._result)
+        fireWaiters(self._waiters, self._result)
