@@ -39,7 +39,8 @@ from imageio.units import MiB
 
 __all__ = [
     "DownloadProducer", "UploadSink", "LimitExceeded", "ProducerStopped",
-    "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE", "HIGH_WATER", "LOW_WATER",
+    "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE",
+    "HIGH_WATER", "LOW_WATER",
 ]
 
 CHUNK_SIZE = 1 * MiB
