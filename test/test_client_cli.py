@@ -202,8 +202,12 @@ def test_cli_sigterm(daemon, tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted" in err
-    # No private qemu-nbd is left behind.
-    time.sleep(0.1)
-    ps = subprocess.run(["pgrep", "-af", "qemu-nbd.*imageio-"],
-                        capture_output=True, text=True).stdout
+    # No private qemu-nbd is left behind (it may take a moment to exit).
+    deadline = time.monotonic() + 10
+    while True:
+        ps = subprocess.run(["pgrep", "-af", "qemu-nbd.*imageio-"],
+                            capture_output=True, text=True).stdout
+        if src not in ps or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert src not in ps

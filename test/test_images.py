@@ -732,7 +732,7 @@ async def test_put_backpressure(server):
                        {"Content-Length": str(48 * MiB)}, b"", send=False)
     data = pattern(48 * MiB)
     client.transport.write(data)
-    await sleep(0.3)
+    await _waitFor(lambda: server.opened and server.opened[0].pending == 1)
     backend = server.opened[0]
     # The server stopped reading at the high-water mark.
     upload = None
