@@ -397,10 +397,14 @@ async def test_delete_mid_upload_stops_writing(server):
     d.addErrback(lambda _: None)
     client.transport.write(pattern(8 * MiB))
     await _waitFor(lambda: (ticket.transferred() or 0) >= 4 * MiB)
-    await server.store.remove("t1", 10)
+    # The cancel waits for the operation's next chunk boundary (as the
+    # reference, a stalled uploader holds it until remove_timeout), so the
+    # DELETE is pending while more body arrives.
+    removing = server.store.remove("t1", 10)
     written = nonZeroPrefix(server.images["t1"])
-    # More body arrives; nothing more is written.
+    # More body arrives; nothing more is written, and the cancel completes.
     client.transport.write(b"y" * (8 * MiB))
+    await removing
     await _waitFor(lambda: client.isClosed)
     assert nonZeroPrefix(server.images["t1"]) == written
     assert not ticket.active
