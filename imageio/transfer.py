@@ -537,15 +537,21 @@ class UploadSink:
                 except Exception:
                     self._fail(Failure())
                     return
-            data = self._take(min(self._writeSize, self._buffered))
-            n = len(data)
+            n = min(self._writeSize, self._buffered)
             offset = self._offset
             self._offset += n
             self._inFlight += n
             self._writes += 1
             started = time.monotonic()
             try:
-                d = self.backend.write(offset, data)
+                writev = getattr(self.backend, "writev", None)
+                if writev is not None:
+                    # The pieces as they arrived: joining them cost a copy
+                    # into a fresh allocation (page faults included) in the
+                    # reactor thread, and the backend copies them anyway.
+                    d = writev(offset, self._takeParts(n))
+                else:
+                    d = self.backend.write(offset, self._take(n))
             except Exception:
                 d = defer.fail()
             d.addCallbacks(self._written, self._writeFailed,
@@ -558,6 +564,18 @@ class UploadSink:
             self._notify()
 
     def _take(self, n: int) -> bytes:
+        parts = self._takeParts(n)
+        if len(parts) == 1:
+            part = parts[0]
+            return part if isinstance(part, bytes) else bytes(part)
+        return b"".join(parts)
+
+    def _takeParts(self, n: int) -> list:
+        """
+        Remove the next C{n} buffered bytes.
+
+        @return: the chunks (or memoryviews of them) holding them, in order.
+        """
         parts = []
         need = n
         while need:
@@ -571,10 +589,7 @@ class UploadSink:
                 self._chunks[0] = view[need:]
                 need = 0
         self._buffered -= n
-        if len(parts) == 1:
-            part = parts[0]
-            return part if isinstance(part, bytes) else bytes(part)
-        return b"".join(parts)
+        return parts
 
     def _written(self, _, n: int, started: float) -> None:
         self._inFlight -= n

@@ -23,7 +23,7 @@ from imageio.units import MiB
 from imageio.web.http import Root, makeSite
 from imageio.web.images import Images
 from imageio.web.request import (
-    MAX_BUFFERED_BODY, RECEIVE_SIZE, ImageioChannel, StreamingRequest)
+    MAX_BUFFERED_BODY, PLAIN_RECEIVE_SIZE, ImageioChannel, StreamingRequest)
 
 
 class Env:
@@ -231,7 +231,8 @@ def test_receive_size():
     proto.makeConnection(t)
     proto.dataReceived(b"PUT /images/t HTTP/1.1\r\nHost: x\r\n"
                        b"Content-Length: 10\r\n\r\n")
-    assert t.bufferSize == RECEIVE_SIZE
+    # A plain connection (TLS: test_upload_fast.test_receive_size_tls).
+    assert t.bufferSize == PLAIN_RECEIVE_SIZE
 
 
 # The private Twisted attributes imageio.web.request relies on (checked

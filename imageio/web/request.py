@@ -33,7 +33,8 @@ from imageio.units import KiB, MiB
 from imageio.web.http import SERVER, Request, errorResponse
 
 __all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
-           "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "finishIfConnected"]
+           "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "PLAIN_RECEIVE_SIZE",
+           "finishIfConnected"]
 
 MAX_BUFFERED_BODY = 64 * KiB
 """
@@ -44,8 +45,17 @@ refused with 413 before they are read.
 
 RECEIVE_SIZE = 1 * MiB
 """
-Socket read size while a body streams (Twisted's default is 64 KiB; 1 MiB
-reads nearly double upload throughput, TWISTED-NOTES §1).
+Socket read size while a body streams over TLS (Twisted's default is 64
+KiB; 1 MiB reads nearly double upload throughput, TWISTED-NOTES §1).
+"""
+
+PLAIN_RECEIVE_SIZE = 128 * KiB - 1 * KiB
+"""
+Socket read size while a body streams over a plain (unix or TCP)
+connection. Each read allocates a new object of this size, and a read
+returns what is queued, about 64 KiB on a unix socket: above malloc's
+mmap threshold (128 KiB at first) every read cost an mmap, an mremap, a
+munmap and page faults, twice the CPU of the reads themselves.
 """
 
 
@@ -408,9 +418,12 @@ class StreamingRequest(Request):
         # socket is below it. bufferSize is the recv size of Twisted's
         # FileDescriptor (abstract.py); it persists for the connection.
         # Guarded by test_request.test_bufferSize.
-        transport = getattr(transport, "transport", None) or transport
+        size = PLAIN_RECEIVE_SIZE
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            size = RECEIVE_SIZE
+            transport = transport.transport
         if hasattr(transport, "bufferSize"):
-            transport.bufferSize = max(transport.bufferSize, RECEIVE_SIZE)
+            transport.bufferSize = max(transport.bufferSize, size)
 
     def handleContentChunk(self, data):
         if self._discardBody:
