@@ -244,7 +244,8 @@ class DownloadProducer:
                 except Exception:
                     self._fail(Failure())
                     return
-            if not isinstance(data, bytes):
+            if not isinstance(data, bytes) and not hasattr(data, "fd"):
+                # A file region (imageio.web.bodywriter) stays one.
                 data = bytes(data)
             self.written += wanted
             # May call pauseProducing or stopProducing synchronously.

@@ -392,6 +392,33 @@ class FileBackend:
             return FAST_ZERO_STEP
         return None
 
+    def sendfileSource(self) -> int | None:
+        """
+        A new read-only descriptor of this file for C{os.sendfile}
+        (L{imageio.web.bodywriter}), owned by the caller; C{None} for a
+        block device, if the backend is closed, or if the file cannot be
+        opened again.
+
+        It is a new open file description (through C{/proc/self/fd}), not a
+        C{dup}: it goes through the page cache, while C{O_DIRECT} stays on
+        this backend's own descriptor, and it survives a close of the
+        backend in the middle of a transfer. Block devices never go
+        through the page cache here: a shared LUN written by another host
+        would leave stale pages in ours (the reason for C{O_DIRECT}).
+        Regular files are coherent through it (a local filesystem, or NFS,
+        which revalidates on open).
+        """
+        if self.isBlock:
+            return None
+        try:
+            fd = self._checkOpen()
+            return os.open(f"/proc/self/fd/{fd}",
+                           os.O_RDONLY | os.O_CLOEXEC)
+        except (BackendError, OSError) as e:
+            self._log.debug("No sendfile source for {path}: {error}",
+                            path=self.path, error=e)
+            return None
+
     def read(self, offset: int, length: int) -> defer.Deferred:
         if offset < 0 or length < 0:
             return defer.fail(ValueError("Negative offset or length"))

@@ -37,7 +37,7 @@ from imageio.logs import Logger
 from imageio import backends, blkhash, errors, metrics, transfer
 from imageio.backends import http as httpbackend
 from imageio.units import MiB
-from imageio.web import validate
+from imageio.web import bodywriter, validate
 from imageio.web.request import finishIfConnected
 from imageio.web.http import (
     Resource, asyncRender, closeAfterResponse, cors, emptyResponse,
@@ -360,10 +360,24 @@ class _Image(_Handler):
                              operation=_CountingOperation(
                                  op, stats.meter(backend).readBytes))
             else:
-                producer = transfer.DownloadProducer(
-                    backend, request, offset, size, operation=op,
-                    metrics=stats if stats.enabled else None)
-                await producer.start()
+                writer = bodywriter.SocketWriter.takeOver(
+                    request, size, self.images.reactor)
+                if writer is None:
+                    producer = transfer.DownloadProducer(
+                        backend, request, offset, size, operation=op,
+                        metrics=stats if stats.enabled else None)
+                    await producer.start()
+                else:
+                    try:
+                        source = writer.sourceFor(backend)
+                        producer = transfer.DownloadProducer(
+                            source, writer, offset, size, operation=op,
+                            metrics=stats if stats.enabled else None)
+                        await producer.start()
+                        await writer.close()
+                    except BaseException:
+                        await writer.abort()
+                        raise
         except transfer.ProducerStopped:
             # The client went away; nobody to answer.
             return None

@@ -1,0 +1,341 @@
+"""
+Threaded response bodies (imageio.web.bodywriter): downloads over real TLS,
+TCP and unix sockets, with keep-alive after them, client disconnects, a
+ticket cancel and a stalled client while the thread owns the socket.
+
+The clients are blocking (http.client, ssl) and run in threads, so the
+reactor serving them keeps running.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import ssl
+
+import pytest
+import pytest_twisted
+from twisted.internet import abstract, defer, protocol, reactor, threads
+from twisted.internet import ssl as tssl
+from twisted.internet.testing import StringTransport
+from twisted.protocols import tls
+
+from imageio.config import TLS
+from imageio.tls import tlsOptions
+from imageio.units import MiB
+from imageio.web import bodywriter
+from imageio.web.bodywriter import SocketWriter
+
+from test.support import makePKI
+from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
+
+
+SIZE = 24 * MiB + 4321
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=30):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+@pytest.fixture
+def tlsServer(tmp_path):
+    pki = makePKI(str(tmp_path / "pki"))
+    opts = tlsOptions(TLS(enable=True, key_file=pki.key, cert_file=pki.cert))
+    srv = Server(tmp_path)
+    srv.pki = pki
+    try:
+        srv.tlsPort = reactor.listenSSL(0, srv.site, opts,
+                                        interface="127.0.0.1")
+    except BaseException:
+        pytest_twisted.blockon(defer.ensureDeferred(srv.close()))
+        raise
+    try:
+        yield srv
+    finally:
+        try:
+            pytest_twisted.blockon(srv.tlsPort.stopListening())
+        finally:
+            pytest_twisted.blockon(defer.ensureDeferred(srv.close()))
+
+
+def fileTicket(server, tmp_path, uuid="f1", size=SIZE, **kw):
+    data = os.urandom(size)
+    path = tmp_path / f"{uuid}.raw"
+    path.write_bytes(data)
+    server.addTicket(uuid, size=size, url=f"file://{path}", **kw)
+    return data
+
+
+def tlsConnection(server, timeout=30):
+    ctx = ssl.create_default_context(cafile=server.pki.ca)
+    return http.client.HTTPSConnection(
+        "127.0.0.1", server.tlsPort.getHost().port, context=ctx,
+        timeout=timeout)
+
+
+def get(con, path, headers=None):
+    con.request("GET", path, headers=headers or {})
+    r = con.getresponse()
+    return r.status, r.read()
+
+
+def sequence(con, uuid, data):
+    """
+    On one keep-alive connection: a full download, an unaligned range, a
+    small range (Twisted's path) and an OPTIONS.
+    """
+    out = []
+    out.append(get(con, f"/images/{uuid}") == (200, data))
+    first, last = 12345, 12345 + 5 * MiB - 1
+    out.append(get(con, f"/images/{uuid}",
+                   {"Range": f"bytes={first}-{last}"})
+               == (206, data[first:last + 1]))
+    out.append(get(con, f"/images/{uuid}", {"Range": "bytes=7-1030"})
+               == (206, data[7:1031]))
+    con.request("OPTIONS", f"/images/{uuid}")
+    r = con.getresponse()
+    r.read()
+    out.append(r.status == 200)
+    con.close()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The private attributes this module relies on.
+
+
+def test_privateTwisted():
+    # abstract.FileDescriptor's output buffer (Twisted 26.10).
+    fd = abstract.FileDescriptor(reactor)
+    assert fd.dataBuffer == b"" and fd.offset == 0
+    assert fd._tempDataBuffer == [] and fd._tempDataLen == 0
+    fd.connected = True
+    fd.startWriting = lambda: None
+    fd.write(b"abc")
+    fd.write(b"def")
+    assert bodywriter._pending(fd) == b"abcdef"
+    fd.stopWriting = lambda: None
+    bodywriter._clearPending(fd)
+    assert bodywriter._pending(fd) == b""
+
+    # BufferingTLSTransport: its OpenSSL Connection, its queue of writes
+    # waiting for the handshake, and its small-write aggregator.
+    opts = tssl.CertificateOptions()
+    factory = tls.TLSMemoryBIOFactory(
+        opts, True, protocol.Factory.forProtocol(protocol.Protocol))
+    proto = factory.buildProtocol(None)
+    assert isinstance(proto, tls.BufferingTLSTransport)
+    proto.makeConnection(StringTransport())
+    assert proto._tlsConnection is not None
+    assert proto._appSendBuffer == []
+    assert callable(proto._aggregator.flush)
+
+
+def test_privateOpenSSL():
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    buf = ffi.new("char[]", 16)
+    # An empty memory BIO reads nothing (and does not block).
+    assert lib.BIO_read(conn._from_ssl, buf, 16) <= 0
+
+
+# ---------------------------------------------------------------------------
+# Downloads
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_keep_alive(tlsServer, tmp_path):
+    data = fileTicket(tlsServer, tmp_path)
+    before = SocketWriter.bodies
+    results = await threads.deferToThread(
+        sequence, tlsConnection(tlsServer), "f1", data)
+    assert results == [True] * 4
+    assert SocketWriter.bodies == before + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_memory_backend(tlsServer):
+    data = pattern(9 * MiB + 5)
+    tlsServer.addTicket("m1", data=data)
+    before = SocketWriter.bodies
+    results = await threads.deferToThread(
+        sequence, tlsConnection(tlsServer), "m1", data)
+    assert results == [True] * 4
+    assert SocketWriter.bodies == before + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_sendfile_keep_alive(tlsServer, tmp_path):
+    data = fileTicket(tlsServer, tmp_path)
+    bodies, regions = SocketWriter.bodies, SocketWriter.regions
+    results = await threads.deferToThread(
+        sequence, UnixHTTPConnection(tlsServer.unixPath), "f1", data)
+    assert results == [True] * 4
+    assert SocketWriter.bodies == bodies + 2
+    assert SocketWriter.regions > regions
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_memory_backend(tlsServer):
+    # A plain socket, bytes rather than file regions.
+    data = pattern(6 * MiB)
+    tlsServer.addTicket("m2", data=data)
+    regions = SocketWriter.regions
+    con = http.client.HTTPConnection("127.0.0.1", tlsServer.address[1],
+                                     timeout=30)
+    results = await threads.deferToThread(sequence, con, "m2", data)
+    assert results == [True] * 4
+    assert SocketWriter.regions == regions
+
+
+@pytest_twisted.ensureDeferred
+async def test_fallback_when_too_many_writers(tlsServer, tmp_path,
+                                              monkeypatch):
+    data = fileTicket(tlsServer, tmp_path)
+    monkeypatch.setattr(bodywriter, "MAX_WRITERS", 0)
+    before = SocketWriter.bodies
+    results = await threads.deferToThread(
+        sequence, tlsConnection(tlsServer), "f1", data)
+    assert results == [True] * 4
+    assert SocketWriter.bodies == before
+
+
+def _readSome(con, path, nbytes):
+    con.request("GET", path)
+    r = con.getresponse()
+    assert r.status == 200
+    return r.read(nbytes)
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect(tlsServer, tmp_path, transport):
+    size = 256 * MiB
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    ticket = tlsServer.addTicket("b1", size=size, url=f"file://{path}",
+                                 ops=["read"])
+    if transport == "tls":
+        con = tlsConnection(tlsServer)
+    else:
+        con = UnixHTTPConnection(tlsServer.unixPath)
+    got = await threads.deferToThread(_readSome, con, "/images/b1", MiB)
+    assert got == bytes(MiB)
+    con.sock.shutdown(socket.SHUT_RDWR)
+    con.close()
+    # The operation ends and the connection's backend is released.
+    await _waitFor(lambda: not ticket.active, timeout=10)
+    assert ticket.transferred() < size
+    # The server is fine: a new connection downloads a range.
+    if transport == "tls":
+        con = tlsConnection(tlsServer)
+    else:
+        con = UnixHTTPConnection(tlsServer.unixPath)
+    status, body = await threads.deferToThread(
+        get, con, "/images/b1", {"Range": f"bytes=0-{8 * MiB - 1}"})
+    con.close()
+    assert (status, body) == (206, bytes(8 * MiB))
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_while_client_stalls(tlsServer, tmp_path):
+    # As on Twisted's path (test_images.test_cancel_download): a cancel
+    # waits for the running download, which stops at its next chunk once
+    # the client reads again; the connection is then aborted.
+    size = 512 * MiB
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    ticket = tlsServer.addTicket("c1", size=size, url=f"file://{path}",
+                                 ops=["read"])
+    con = tlsConnection(tlsServer)
+
+    def stall():
+        # Read the response head, then stop reading: the socket buffers
+        # fill and the writer thread waits in poll().
+        con.request("GET", "/images/c1")
+        r = con.getresponse()
+        return r
+
+    response = await threads.deferToThread(stall)
+    assert response.status == 200
+    await _waitFor(lambda: ticket.transferred() > 0, timeout=10)
+    await sleep(0.3)
+    removed = tlsServer.store.remove("c1", 10)
+    await sleep(0.3)
+    assert not removed.called
+    assert ticket.active
+
+    def drain():
+        got = 0
+        try:
+            while True:
+                chunk = response.read(MiB)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except (OSError, http.client.HTTPException):
+            pass
+        return got
+
+    assert await threads.deferToThread(drain) < 64 * MiB
+    await removed
+    assert not ticket.active
+    assert ticket.transferred() < 64 * MiB
+    con.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_client_times_out(tlsServer, tmp_path):
+    size = 512 * MiB
+    path = tmp_path / "big.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    ticket = tlsServer.addTicket("s1", size=size, url=f"file://{path}",
+                                 ops=["read"], inactivity_timeout=1)
+    sock = socket.create_connection(("127.0.0.1", tlsServer.address[1]))
+    sock.sendall(b"GET /images/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    # Never read: the thread's poll() gives up after the ticket's
+    # inactivity timeout, and the operation ends.
+    await _waitFor(lambda: ticket.transferred() > 0, timeout=10)
+    await _waitFor(lambda: not ticket.active, timeout=10)
+    assert ticket.transferred() < size
+    sock.close()
+
+
+def test_sendfileSource(tmp_path):
+    from imageio.backends.file import FileBackend
+    path = tmp_path / "f.raw"
+    path.write_bytes(b"x" * 8192)
+    regular = FileBackend(reactor, None, os.open(path, os.O_RDONLY),
+                          str(path), mode="r")
+    fd = regular.sendfileSource()
+    try:
+        # A descriptor of its own, through the page cache.
+        assert fd is not None and fd != regular._fd
+        assert fcntlFlags(fd) & os.O_DIRECT == 0
+        assert os.pread(fd, 4, 0) == b"xxxx"
+    finally:
+        os.close(fd)
+    # Never for a block device: a shared LUN may be written by another
+    # host, and our page cache would serve stale pages.
+    block = FileBackend(reactor, None, os.open(path, os.O_RDONLY),
+                        str(path), mode="r", isBlock=True)
+    assert block.sendfileSource() is None
+    os.close(regular._fd)
+    os.close(block._fd)
+
+
+def fcntlFlags(fd):
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
