@@ -30,6 +30,7 @@ from twisted.web import http, server
 from imageio.logs import Logger
 from imageio import errors
 from imageio.units import KiB, MiB
+from imageio.web import bodyreader
 from imageio.web.http import SERVER, Request, errorResponse
 
 __all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
@@ -338,6 +339,18 @@ def _queryArgs(uri: bytes) -> dict:
     return http.parse_qs(parts[1], 1) if len(parts) > 1 else {}
 
 
+class _AfterReader:
+    """
+    An early response waiting for a L{bodyreader.SocketReader} to give the
+    socket back; cancelled like the delayed call it stands for.
+    """
+
+    canceled = False
+
+    def cancel(self) -> None:
+        self.canceled = True
+
+
 class StreamingRequest(Request):
     """
     A request whose body may stream into a sink as it arrives.
@@ -371,6 +384,7 @@ class StreamingRequest(Request):
     _discardBody = False
     _bodySize = 0
     _early = None
+    _reader = None
 
     def gotLength(self, length):
         self.content = io.BytesIO()
@@ -430,6 +444,10 @@ class StreamingRequest(Request):
             return
         if self.streamSink is not None:
             self.streamSink.write(data)
+            if self._reader is None and self.streamSink is not None:
+                # Once per body: the rest may be read by a thread.
+                self._reader = bodyreader.SocketReader.takeOver(
+                    self, getattr(self.channel.site, "reactor", None)) or False
             return
         self._bodySize += len(data)
         if self._bodySize > self.maxBufferedBody:
@@ -474,6 +492,12 @@ class StreamingRequest(Request):
         self._early = None
         if self._disconnected or self.finished or self.channel is None:
             return
+        if self._reader and self._reader.active:
+            # A thread owns the socket: it stops first.
+            pending = self._early = _AfterReader()
+            self._reader.stop().addCallback(
+                lambda _: self._readerStopped(pending))
+            return
         channel = self.channel
         channel.discardInput()
         channel.persistent = False
@@ -487,6 +511,11 @@ class StreamingRequest(Request):
         self.setHeader(b"date", http.datetimeToString())
         self.setHeader(b"connection", b"close")
         errorResponse(self, self.streamError)
+
+    def _readerStopped(self, pending) -> None:
+        if pending.canceled or self._early is not pending:
+            return
+        self._respondEarly()
 
     def requestReceived(self, command, path, version):
         self.bodyComplete = True

@@ -1,0 +1,200 @@
+"""
+Request bodies read by a thread from plain sockets
+(imageio.web.bodyreader): uploads over real unix and TCP sockets into file
+and memory backends, keep-alive after them, client disconnects, early
+errors and a stalled client while the thread owns the socket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.web import http as twhttp
+
+from imageio.units import MiB
+from imageio.web import bodyreader
+from imageio.web.bodyreader import SocketReader
+
+from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
+from test.test_bodywriter import UnixHTTPConnection
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path)
+    yield srv
+    pytest_twisted.blockon(defer.ensureDeferred(srv.close()))
+
+
+from twisted.internet import defer  # noqa: E402
+
+
+def connection(server, transport):
+    if transport == "unix":
+        return UnixHTTPConnection(server.unixPath)
+    return http.client.HTTPConnection("127.0.0.1", server.address[1],
+                                      timeout=30)
+
+
+def upload(con, path, data, headers=None):
+    con.request("PUT", path, body=data, headers=headers or {})
+    r = con.getresponse()
+    return r.status, r.read()
+
+
+def test_privateTwisted():
+    # HTTPChannel._transferDecoder and _IdentityTransferDecoder.contentLength
+    # (Twisted 26.10), decremented before each chunk is delivered.
+    seen = []
+    decoder = twhttp._IdentityTransferDecoder(
+        10, lambda d: seen.append((bytes(d), decoder.contentLength)),
+        lambda rest: seen.append(("end", bytes(rest))))
+    decoder.dataReceived(bytearray(b"abcd"))
+    decoder.dataReceived(bytearray(b"efghijXY"))
+    assert seen == [(b"abcd", 6), (b"efghij", 0), ("end", b"XY")]
+    channel = twhttp.HTTPChannel()
+    assert channel._transferDecoder is None
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_upload_file_keep_alive(server, tmp_path, transport):
+    size = 20 * MiB + 123
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"")
+    os.truncate(target, size)
+    server.addTicket("f1", size=size, url=f"file://{target}")
+    data = os.urandom(size)
+    before = SocketReader.bodies
+    con = connection(server, transport)
+
+    def run():
+        out = [upload(con, "/images/f1", data)]
+        # The same connection goes on: another upload, then a download.
+        out.append(upload(con, "/images/f1", data[:8 * MiB],
+                          {"Content-Range": f"bytes 0-{8 * MiB - 1}/*"}))
+        con.request("GET", "/images/f1")
+        r = con.getresponse()
+        out.append((r.status, r.read() == data))
+        con.close()
+        return out
+
+    results = await threads.deferToThread(run)
+    assert results == [(200, b""), (200, b""), (200, True)]
+    # (O_DIRECT pads the file to the next block with zeroes.)
+    assert target.read_bytes()[:size] == data
+    assert SocketReader.bodies == before + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_backend_backpressure_and_cancel(server):
+    # The sink pauses the thread (a held backend write), and a cancel
+    # answers early: the thread gives the socket back first.
+    server.addTicket(size=64 * MiB)
+    server.holds["t1"] = ["write"]
+    before = SocketReader.bodies
+    sock = socket.create_connection(("127.0.0.1", server.address[1]))
+    sock.sendall(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (64 * MiB))
+    sent = 0
+    sock.setblocking(False)
+
+    def push():
+        nonlocal sent
+        try:
+            while sent < 40 * MiB:
+                sent += sock.send(b"y" * MiB)
+        except BlockingIOError:
+            pass
+
+    for _ in range(50):
+        push()
+        await sleep(0.02)
+    assert server.opened and server.opened[0].pending
+    assert SocketReader.bodies == before + 1
+    # Paused: far less than sent was taken, the rest waits in the socket.
+    assert sent < 40 * MiB
+    removed = server.store.remove("t1", 5)
+    server.opened[0].release()
+    await removed
+    sock.setblocking(True)
+    sock.settimeout(10)
+    head = await threads.deferToThread(sock.recv, 65536)
+    assert head.startswith(b"HTTP/1.1 403 ")
+    sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_mid_body(server, tmp_path):
+    size = 64 * MiB
+    target = tmp_path / "t.raw"
+    target.write_bytes(b"")
+    ticket = server.addTicket("d1", size=size, url=f"file://{target}",
+                              ops=["write"])
+    before = SocketReader.bodies
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(server.unixPath)
+    sock.sendall(b"PUT /images/d1 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % size)
+    await threads.deferToThread(sock.sendall, os.urandom(12 * MiB))
+    await _waitFor(lambda: SocketReader.bodies == before + 1)
+    sock.close()
+    # The operation ends; the server goes on.
+    await _waitFor(lambda: not ticket.active, timeout=10)
+    con = UnixHTTPConnection(server.unixPath)
+    status, _ = await threads.deferToThread(
+        upload, con, "/images/d1", b"z" * MiB,
+        {"Content-Range": f"bytes 0-{MiB - 1}/*"})
+    con.close()
+    assert status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_client_times_out(server, tmp_path):
+    size = 64 * MiB
+    target = tmp_path / "t.raw"
+    target.write_bytes(b"")
+    ticket = server.addTicket("s1", size=size, url=f"file://{target}",
+                              ops=["write"], inactivity_timeout=1)
+    # The connection binds the ticket (and its 1 s idle timeout) first.
+    con = UnixHTTPConnection(server.unixPath)
+    status, _ = await threads.deferToThread(
+        upload, con, "/images/s1", b"a" * 4096,
+        {"Content-Range": "bytes 0-4095/*"})
+    assert status == 200
+    before = SocketReader.bodies
+    con.sock.sendall(b"PUT /images/s1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size)
+    await threads.deferToThread(con.sock.sendall, b"b" * (8 * MiB))
+    await _waitFor(lambda: SocketReader.bodies == before + 1)
+    # Nothing more is sent: the thread gives up after the idle timeout
+    # and the connection is closed.
+    start = reactor.seconds()
+    con.sock.settimeout(10)
+    got = await threads.deferToThread(con.sock.recv, 100)
+    assert got == b""
+    assert 0.5 <= reactor.seconds() - start <= 5
+    await _waitFor(lambda: not ticket.active, timeout=10)
+    con.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fallback_when_too_many_readers(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(bodyreader, "MAX_READERS", 0)
+    size = 8 * MiB
+    target = tmp_path / "t.raw"
+    target.write_bytes(b"")
+    server.addTicket("m1", size=size, url=f"file://{target}")
+    data = os.urandom(size)
+    before = SocketReader.bodies
+    con = UnixHTTPConnection(server.unixPath)
+    status, _ = await threads.deferToThread(upload, con, "/images/m1", data)
+    con.close()
+    assert status == 200
+    assert SocketReader.bodies == before
+    assert target.read_bytes()[:size] == data
