@@ -217,6 +217,10 @@ class SocketReader:
                 buf = bytearray(min(BUFFER_SIZE, remaining))
                 self._fill(memoryview(buf))
                 remaining -= len(buf)
+                if not remaining:
+                    # Twisted may read again as soon as the last buffer
+                    # is delivered.
+                    self._restore(sock)
                 self._reactor.callFromThread(self._deliver, buf,
                                              remaining == 0)
         except _Stopped:
@@ -226,15 +230,19 @@ class SocketReader:
         except Exception as e:
             error = e
         finally:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                _timeval(0))
-                sock.setblocking(False)
-            except OSError:
-                pass
+            self._restore(sock)
             sock.close()
         if error is not None or self._stopping:
             self._reactor.callFromThread(self._threadStopped, error)
+
+    @staticmethod
+    def _restore(sock) -> None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            _timeval(0))
+            sock.setblocking(False)
+        except OSError:
+            pass
 
     def _fill(self, view: memoryview) -> None:
         filled = 0
