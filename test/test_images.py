@@ -775,6 +775,33 @@ async def test_patch_zero_steps(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_patch_zero_sparse_file_big_steps(server, tmp_path,
+                                                monkeypatch):
+    # A sparse file punches holes in the backend's big steps (64 GiB), not
+    # 128 MiB ones: 8 TiB in 128 calls, not 65,536.
+    from imageio.backends.file import FileBackend
+    calls = []
+    zero = FileBackend.zero
+
+    def counting(self, offset, length):
+        calls.append(length)
+        return zero(self, offset, length)
+
+    monkeypatch.setattr(FileBackend, "zero", counting)
+    path = tmp_path / "sparse.raw"
+    with open(path, "wb") as f:
+        f.truncate(8 * 1024 * GiB)
+    server.addTicket("z1", size=8 * 1024 * GiB, url=f"file://{path}",
+                     sparse=True)
+    r = await request(server.address, "PATCH", "/images/z1",
+                      body=json.dumps({"op": "zero", "size": 8 * 1024 * GiB})
+                      .encode())
+    assert r.status == 200
+    assert len(calls) == 128
+    assert os.stat(path).st_blocks == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_patch_flush(server):
     server.addTicket(size=10)
     r = await request(server.address, "PATCH", "/images/t1",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import deque
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -475,20 +476,32 @@ class _Image(_Handler):
         stats = metrics.forRequest(request)
         meter = stats.meter(backend)
         op = ticket.startOperation(offset, size)
+        # Steps as large as the backend says zeroing stays cheap (a sparse
+        # file punches 64 GiB holes at once), and as many in flight as its
+        # writes (an NBD connection keeps them in order).
+        maxStep = getattr(backend, "maxZeroStep", None) or MAX_ZERO_STEP
+        depth = transfer.writeDepth(backend)
+        pending: deque = deque()
         try:
             pos, end = offset, offset + size
-            while pos < end:
-                op.check()
-                step = min(end - pos, MAX_ZERO_STEP)
-                started = time.monotonic()
-                await backend.zero(pos, step)
+            while pos < end or pending:
+                while pos < end and len(pending) < depth:
+                    op.check()
+                    step = min(end - pos, maxStep)
+                    pending.append((backend.zero(pos, step), step,
+                                    time.monotonic()))
+                    pos += step
+                d, step, started = pending.popleft()
+                await d
                 meter.zero(step, time.monotonic() - started)
                 op.progress(step)
-                pos += step
             if flush:
                 with stats.timed("flush"):
                     await backend.flush()
         finally:
+            for d, _, _ in pending:
+                # Failed or stopped early: the others' outcome is moot.
+                d.addErrback(lambda _: None)
             op.finish()
         op.check()
 
