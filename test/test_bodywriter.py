@@ -155,22 +155,25 @@ def test_privateOpenSSL():
 @pytest_twisted.ensureDeferred
 async def test_tls_keep_alive(tlsServer, tmp_path):
     data = fileTicket(tlsServer, tmp_path)
-    before = SocketWriter.bodies
+    before, regions = SocketWriter.bodies, SocketWriter.regions
     results = await threads.deferToThread(
         sequence, tlsConnection(tlsServer), "f1", data)
     assert results == [True] * 4
     assert SocketWriter.bodies == before + 2
+    # The thread read the file itself.
+    assert SocketWriter.regions > regions
 
 
 @pytest_twisted.ensureDeferred
 async def test_tls_memory_backend(tlsServer):
     data = pattern(9 * MiB + 5)
     tlsServer.addTicket("m1", data=data)
-    before = SocketWriter.bodies
+    before, regions = SocketWriter.bodies, SocketWriter.regions
     results = await threads.deferToThread(
         sequence, tlsConnection(tlsServer), "m1", data)
     assert results == [True] * 4
     assert SocketWriter.bodies == before + 2
+    assert SocketWriter.regions == regions
 
 
 @pytest_twisted.ensureDeferred

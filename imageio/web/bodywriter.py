@@ -199,6 +199,7 @@ class SocketWriter:
         self._abortedByCaller = False
         self._ended = False
         self._regionFds: list[int] = []
+        self._readBuffer = None
         self.failed: Failure | None = None
         self._result = None
         self._waiters: list[defer.Deferred] = []
@@ -288,12 +289,13 @@ class SocketWriter:
 
     def sourceFor(self, backend):
         """
-        A view of C{backend} whose reads return L{FileRegion}s that this
-        writer sends with C{sendfile}, or C{backend} itself when that is
-        not possible (a TLS connection, not a file backend).
+        A view of C{backend} whose reads return L{FileRegion}s, or
+        C{backend} itself when that is not possible (not a file backend,
+        a block device). The thread sends a region with C{sendfile} on a
+        plain socket; over TLS it reads it into its own buffer, through
+        the page cache, and encrypts from there (no pool thread, no copy
+        into a new object, no reactor turn per chunk).
         """
-        if self._conn is not None:
-            return backend
         reopen = getattr(backend, "sendfileSource", None)
         if reopen is None:
             return backend
@@ -405,7 +407,10 @@ class SocketWriter:
                     break
                 if isinstance(item, FileRegion):
                     SocketWriter.regions += 1
-                    self._sendfile(item, poller)
+                    if self._conn is not None:
+                        self._sendRegionTLS(item, out, poller)
+                    else:
+                        self._sendfile(item, poller)
                 elif self._conn is not None:
                     self._sendTLS(item, out, poller)
                 else:
@@ -477,6 +482,20 @@ class SocketWriter:
                 if got <= 0:
                     break
                 self._sendAll(_ffi.buffer(out, got), poller)
+
+    def _sendRegionTLS(self, region: FileRegion, out, poller) -> None:
+        if self._readBuffer is None:
+            self._readBuffer = bytearray(_SEND_SIZE)
+        view = memoryview(self._readBuffer)
+        offset = region.offset
+        end = offset + region.length
+        while offset < end:
+            n = os.preadv(region.fd, [view[:min(end - offset, _SEND_SIZE)]],
+                          offset)
+            if n == 0:
+                raise OSError(errno.EIO, "The file ended before the range")
+            self._sendTLS(view[:n], out, poller)
+            offset += n
 
     def _sendfile(self, region: FileRegion, poller) -> None:
         offset = region.offset
