@@ -104,7 +104,8 @@ class SoakDaemon(Daemon):
             self.lines.append(line)
             if len(self.lines) > 2 * self.KEEP:
                 del self.lines[:-self.KEEP]
-            if "Traceback" in line or "Unhandled" in line:
+            if ("Traceback" in line or "Unhandled" in line
+                    or "Fatal Python error" in line):
                 self.tracebacks += 1
                 self.errorLines.append(line)
             m = pattern.search(line)
@@ -112,6 +113,10 @@ class SoakDaemon(Daemon):
                 self.addresses[m.group(1)] = m.group(2)
             if "imageio ready" in line:
                 self._ready.set()
+        dump = os.environ.get("SOAK_DAEMON_LOG")
+        if dump:
+            with open(dump, "w") as f:
+                f.write("\n".join(self.lines) + "\n")
         self._exited.set()
 
 

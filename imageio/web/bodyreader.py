@@ -316,15 +316,18 @@ class SocketReader:
     # Guarding the transport while the thread owns the socket.
 
     def _guard(self) -> None:
+        # Twisted must not read the socket while the thread does: every
+        # way of starting or stopping its reads pauses or resumes the
+        # thread instead.
         t = self._transport
-        t.pauseProducing = self._pause
-        t.resumeProducing = self._resume
+        t.pauseProducing = t.stopReading = self._pause
+        t.resumeProducing = t.startReading = self._resume
         t.abortConnection = self._abortFromOutside
         t.loseConnection = self._loseFromOutside
 
     def _unguard(self) -> None:
-        for name in ("pauseProducing", "resumeProducing", "abortConnection",
-                     "loseConnection"):
+        for name in ("pauseProducing", "resumeProducing", "stopReading",
+                     "startReading", "abortConnection", "loseConnection"):
             self._transport.__dict__.pop(name, None)
 
     def _pause(self) -> None:
