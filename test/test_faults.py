@@ -344,7 +344,10 @@ async def test_expired_mid_transfer_keeps_going(server):
     assert b"".join(got) == data
     client.transport.loseConnection()
     # A new request on the expired ticket is refused (the finished
-    # operation extended it by its timeout: wait for that to pass).
+    # operation extended it by its timeout: wait for that to pass). The
+    # operation may finish a moment after the client has every byte (a
+    # writer thread hands the socket back after its last write).
+    await _waitFor(lambda: not ticket.active, timeout=5)
     await _waitFor(ticket.expired, timeout=5)
     r = await request(server.address, "GET", "/images/t1")
     assert r.status == 403
