@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 from twisted.web import http as twhttp
 
 from imageio.units import MiB
@@ -21,7 +21,8 @@ from imageio.web import bodyreader
 from imageio.web.bodyreader import SocketReader
 
 from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
-from test.test_bodywriter import UnixHTTPConnection
+from test.support import UnixHTTPConnection
+from test.test_bodywriter import sparseFileTicket
 
 
 @pytest.fixture
@@ -29,9 +30,6 @@ def server(tmp_path):
     srv = Server(tmp_path)
     yield srv
     pytest_twisted.blockon(defer.ensureDeferred(srv.close()))
-
-
-from twisted.internet import defer  # noqa: E402
 
 
 def connection(server, transport):
@@ -65,10 +63,7 @@ def test_privateTwisted():
 @pytest_twisted.ensureDeferred
 async def test_upload_file_keep_alive(server, tmp_path, transport):
     size = 20 * MiB + 123
-    target = tmp_path / "target.raw"
-    target.write_bytes(b"")
-    os.truncate(target, size)
-    server.addTicket("f1", size=size, url=f"file://{target}")
+    _, target = sparseFileTicket(server, tmp_path, "f1", size)
     data = os.urandom(size)
     before = SocketReader.bodies
     con = connection(server, transport)
@@ -132,10 +127,7 @@ async def test_memory_backend_backpressure_and_cancel(server):
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_mid_body(server, tmp_path):
     size = 64 * MiB
-    target = tmp_path / "t.raw"
-    target.write_bytes(b"")
-    ticket = server.addTicket("d1", size=size, url=f"file://{target}",
-                              ops=["write"])
+    ticket, _ = sparseFileTicket(server, tmp_path, "d1", size, ops=["write"])
     before = SocketReader.bodies
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(server.unixPath)
@@ -157,10 +149,8 @@ async def test_client_disconnect_mid_body(server, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_stalled_client_times_out(server, tmp_path):
     size = 64 * MiB
-    target = tmp_path / "t.raw"
-    target.write_bytes(b"")
-    ticket = server.addTicket("s1", size=size, url=f"file://{target}",
-                              ops=["write"], inactivity_timeout=1)
+    ticket, _ = sparseFileTicket(server, tmp_path, "s1", size,
+                                 ops=["write"], inactivity_timeout=1)
     # The connection binds the ticket (and its 1 s idle timeout) first.
     con = UnixHTTPConnection(server.unixPath)
     status, _ = await threads.deferToThread(
@@ -187,9 +177,7 @@ async def test_stalled_client_times_out(server, tmp_path):
 async def test_fallback_when_too_many_readers(server, tmp_path, monkeypatch):
     monkeypatch.setattr(bodyreader, "MAX_READERS", 0)
     size = 8 * MiB
-    target = tmp_path / "t.raw"
-    target.write_bytes(b"")
-    server.addTicket("m1", size=size, url=f"file://{target}")
+    _, target = sparseFileTicket(server, tmp_path, "m1", size)
     data = os.urandom(size)
     before = SocketReader.bodies
     con = UnixHTTPConnection(server.unixPath)

@@ -28,22 +28,11 @@ from imageio.units import MiB
 from imageio.web import bodywriter
 from imageio.web.bodywriter import SocketWriter
 
-from test.support import makePKI
+from test.support import UnixHTTPConnection, makePKI
 from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
 
 
 SIZE = 24 * MiB + 4321
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout=30):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
 
 
 @pytest.fixture
@@ -84,6 +73,17 @@ def fileTicket(server, tmp_path, uuid="f1", size=SIZE, **kw):
     path.write_bytes(data)
     server.addTicket(uuid, size=size, url=f"file://{path}", **kw)
     return data
+
+
+def sparseFileTicket(server, tmp_path, uuid, size, **kw):
+    """
+    A ticket on a new sparse file of C{size} bytes (reads give zeroes,
+    nothing is allocated); for downloads and uploads too large to keep.
+    """
+    path = tmp_path / f"{uuid}.raw"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return server.addTicket(uuid, size=size, url=f"file://{path}", **kw), path
 
 
 def tlsConnection(server, timeout=30):
@@ -235,10 +235,7 @@ def _readSome(con, path, nbytes):
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect(threadedTLS, tlsServer, tmp_path, transport):
     size = 256 * MiB
-    path = tmp_path / "big.raw"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    ticket = tlsServer.addTicket("b1", size=size, url=f"file://{path}",
+    ticket, _ = sparseFileTicket(tlsServer, tmp_path, "b1", size,
                                  ops=["read"])
     if transport == "tls":
         con = tlsConnection(tlsServer)
@@ -268,10 +265,7 @@ async def test_cancel_while_client_stalls(threadedTLS, tlsServer, tmp_path):
     # waits for the running download, which stops at its next chunk once
     # the client reads again; the connection is then aborted.
     size = 512 * MiB
-    path = tmp_path / "big.raw"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    ticket = tlsServer.addTicket("c1", size=size, url=f"file://{path}",
+    ticket, _ = sparseFileTicket(tlsServer, tmp_path, "c1", size,
                                  ops=["read"])
     con = tlsConnection(tlsServer)
 
@@ -313,10 +307,7 @@ async def test_cancel_while_client_stalls(threadedTLS, tlsServer, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_stalled_client_times_out(tlsServer, tmp_path):
     size = 512 * MiB
-    path = tmp_path / "big.raw"
-    with open(path, "wb") as f:
-        f.truncate(size)
-    ticket = tlsServer.addTicket("s1", size=size, url=f"file://{path}",
+    ticket, _ = sparseFileTicket(tlsServer, tmp_path, "s1", size,
                                  ops=["read"], inactivity_timeout=1)
     sock = socket.create_connection(("127.0.0.1", tlsServer.address[1]))
     sock.sendall(b"GET /images/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -357,8 +348,8 @@ def fcntlFlags(fd):
 
 
 @pytest_twisted.ensureDeferred
-async def test_reading_stays_off_while_thread_writes(threadedTLS, tlsServer, tmp_path,
-                                                     monkeypatch):
+async def test_reading_stays_off_while_thread_writes(threadedTLS, tlsServer,
+                                                     tmp_path, monkeypatch):
     # The channel (or anything else) resuming the transport while the
     # thread owns the socket must not make Twisted read it: the TLS layer
     # would use the OpenSSL object concurrently (a soak run saw "bad record
