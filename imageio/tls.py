@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
@@ -88,6 +88,11 @@ def tlsOptions(tls) -> ssl.CertificateOptions:
         ctx = opts.getContext()
     except Exception as e:
         raise TLSError(f"invalid TLS configuration: {e}")
+    # No renegotiation: a writer thread may own a connection's OpenSSL
+    # object (imageio.web.bodywriter), and nothing may make the reactor
+    # rekey it meanwhile. TLS 1.3 has none; the reference's Python ssl
+    # refuses client renegotiation too.
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION)
     if tls.enable_tls1_1:
         # OpenSSL's security level refuses TLS 1.1 even when the minimum
         # version allows it; CertificateOptions drops @SECLEVEL from its

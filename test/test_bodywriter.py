@@ -36,13 +36,6 @@ from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
 SIZE = 24 * MiB + 4321
 
 
-def test_threadedTLS_off():
-    # Threaded TLS is off until the soak failure it showed is understood
-    # (bodywriter.THREADED_TLS); turning it on in tests made them flaky
-    # the same way ("bad record mac" in a CI run).
-    assert bodywriter.THREADED_TLS is False
-
-
 @pytest.fixture
 def tlsServer(tmp_path):
     pki = makePKI(str(tmp_path / "pki"))
@@ -333,13 +326,13 @@ async def test_reading_stays_off_while_thread_writes(tlsServer, tmp_path,
     # TLS layer would use the OpenSSL object concurrently).
     data = fileTicket(tlsServer, tmp_path, size=48 * MiB)
     writers = []
-    start = SocketWriter._start
+    start = SocketWriter._handOff
 
     def recording(self):
         writers.append(self)
         return start(self)
 
-    monkeypatch.setattr(SocketWriter, "_start", recording)
+    monkeypatch.setattr(SocketWriter, "_handOff", recording)
     con = tcpConnection(tlsServer)
 
     def slowGet():
@@ -374,10 +367,98 @@ async def test_reading_stays_off_while_thread_writes(tlsServer, tmp_path,
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls_not_threaded_by_default(tlsServer, tmp_path):
+async def test_tls_keep_alive(tlsServer, tmp_path):
+    # Over TLS the thread encrypts the bodies of large downloads; the
+    # connection goes back to Twisted after each (keep-alive, small
+    # ranges, OPTIONS), and nothing trips the guard.
     data = fileTicket(tlsServer, tmp_path)
     before = SocketWriter.bodies
+    trips = bodywriter._Guard.trips
     results = await threads.deferToThread(
         sequence, tlsConnection(tlsServer), "f1", data)
     assert results == [True] * 4
-    assert SocketWriter.bodies == before
+    assert SocketWriter.bodies == before + 2
+    assert bodywriter._Guard.trips == trips
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_memory_backend(tlsServer):
+    data = os.urandom(SIZE)
+    tlsServer.addTicket("m1", data=data)
+    before = SocketWriter.bodies
+    results = await threads.deferToThread(
+        sequence, tlsConnection(tlsServer), "m1", data)
+    assert results == [True] * 4
+    assert SocketWriter.bodies == before + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_handoff_from_clean_stack(tlsServer, tmp_path,
+                                            monkeypatch):
+    # The first body write of a keep-alive request whose backend read is
+    # already done runs inside the TLS layer's dataReceived; the hand-off
+    # must wait for a clean reactor stack (TLS-HANDOFF.md, rule 1).
+    import traceback
+    data = fileTicket(tlsServer, tmp_path)
+    stacks = []
+    handOff = SocketWriter._handOff
+
+    def recording(self):
+        stacks.append([f.name for f in traceback.extract_stack()])
+        return handOff(self)
+
+    monkeypatch.setattr(SocketWriter, "_handOff", recording)
+    results = await threads.deferToThread(
+        sequence, tlsConnection(tlsServer), "f1", data)
+    assert results == [True] * 4
+    assert len(stacks) == 2
+    for names in stacks:
+        assert "dataReceived" not in names
+
+
+def test_guard_raises_and_counts():
+    guard = bodywriter._Guard("peer")
+    trips = bodywriter._Guard.trips
+    with pytest.raises(bodywriter.GuardTripped):
+        guard.recv(1)
+    with pytest.raises(bodywriter.GuardTripped):
+        guard.bio_read(1)
+    assert bodywriter._Guard.trips == trips + 2
+
+
+def test_drainBIO_takes_everything():
+    # A TLS 1.3 handshake leaves session tickets and more in the send BIO
+    # than Twisted's one 32 KiB bio_read per flush takes.
+    from OpenSSL import SSL
+    pki = makePKI(os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                               f"pki-drain-{os.getpid()}"))
+    sctx = tlsOptions(TLS(enable=True, key_file=pki.key,
+                          cert_file=pki.cert)).getContext()
+    server = SSL.Connection(sctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    client.set_connect_state()
+
+    def pump(a, b):
+        while True:
+            try:
+                b.bio_write(a.bio_read(65536))
+            except SSL.WantReadError:
+                return
+
+    for _ in range(4):
+        for c in (client, server):
+            try:
+                c.do_handshake()
+            except SSL.WantReadError:
+                pass
+        pump(client, server)
+        pump(server, client)
+    sent = 0
+    while sent < 100 * 1024:
+        # pyOpenSSL's partial-write mode: one 16 KiB record per call.
+        sent += server.send(b"x" * (100 * 1024 - sent))
+    out = bodywriter._drainBIO(server)
+    assert len(out) > 100 * 1024
+    with pytest.raises(SSL.WantReadError):
+        server.bio_read(1)

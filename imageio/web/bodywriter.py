@@ -12,17 +12,35 @@ the body of one large response instead: the reactor still parses the
 request, writes the headers, reads the backend and keeps the books
 (operation, metrics, backpressure), but a thread encrypts the body (the
 calls into OpenSSL release the GIL) and writes it with blocking I/O in
-large pieces; on a plain socket a file backend's bytes go by C{sendfile}
-without entering the process. When the body is done the connection is
-handed back to Twisted, and keep-alive goes on as before.
+large pieces; a file backend's ranges are read by the thread itself
+(C{sendfile} on a plain socket), without leaving the image in the page
+cache. When the body is done the connection is handed back to Twisted,
+and keep-alive goes on as before.
 
-While the thread owns the connection nothing else may touch it: Twisted
-neither reads nor writes the socket (stopped), nothing is buffered in its
-transport (taken over first), and an abort or close of the transport goes
-through L{SocketWriter.abort} first, which stops the thread and only then
-lets Twisted close. The thread writes to a duplicate of the socket's
-descriptor, so the socket cannot be closed, and its number reused, under
-it.
+The rules of the hand-off (C{TLS-HANDOFF.md}; each broke a soak when
+missing):
+
+  1. It starts from a clean reactor stack (C{callLater(0)}), never from
+     inside C{write}: the first write may come synchronously from inside
+     C{TLSMemoryBIOProtocol.dataReceived} (a keep-alive request whose
+     backend read is already done), and the TLS layer goes on using the
+     OpenSSL object in that same frame (C{recv}, then C{bio_read}).
+  2. At the hand-off, in the reactor: the TLS layer's small-write
+     aggregator is flushed, Twisted stops reading and writing the socket,
+     its unsent bytes and everything left in the send BIO (drained until
+     C{WantReadError}) are taken for the thread to send first, and a
+     L{_Guard} takes the place of the TLS layer's Connection. The guard
+     logs and raises on any use, so a path we missed fails loudly instead
+     of corrupting the stream.
+  3. In the thread: OpenSSL's partial-write mode is off (one C{SSL_write}
+     per MiB, not per record); a duplicate descriptor, one reused buffer.
+  4. Aborts from the reactor shut the duplicate down under the lock the
+     thread closes it with.
+  5. The connection comes back through C{callFromThread}: the modes are
+     restored, the Connection put back, writes made meanwhile replayed
+     and reading resumed.
+  6. Renegotiation is off on the context (L{imageio.tls}), and the
+     reactor never reads while the thread owns the connection.
 
 This module touches private Twisted and pyOpenSSL attributes; each use
 names the version it was checked against and the test of
@@ -38,6 +56,7 @@ import socket
 import threading
 from collections import deque
 
+from OpenSSL import SSL
 from twisted.internet import defer, interfaces
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -64,19 +83,6 @@ Smaller bodies stay on Twisted's path: a thread per response costs more
 than it saves there.
 """
 
-THREADED_TLS = False
-"""
-Whether TLS connections get a writer thread too. Off: with it on, a soak
-(C{bench/soak.py}, 16 mixed transfers with injected disconnects and
-cancels) saw about one TLS download in 1,300 fail with "bad record mac"
-at the client and the reactor's TLS layer failing in C{bio_read}, and one
-run crashed the daemon, while a single stream and the tests were fine: the
-connection's OpenSSL object is still reached from the reactor thread
-somewhere while the writer thread uses it. Plain sockets are not
-affected (same soak with this off: no errors). The tests turn it on to
-keep the mechanism working until that is found.
-"""
-
 MAX_WRITERS = 64
 """
 Bodies written by threads at once; more downloads take Twisted's path.
@@ -101,6 +107,19 @@ Most bytes of one C{os.write} call, and the size of the thread's buffers
 _SENDFILE_SIZE = 8 * MiB
 """
 Most bytes of one C{sendfile} call (no buffer in the process).
+"""
+
+_TLS_SLACK = 64 * 1024
+"""
+Room for the TLS records' headers and tags in the ciphertext buffer, so
+that one C{BIO_read} takes all of a MiB's ciphertext.
+"""
+
+_READ_AHEAD = 8 * MiB
+"""
+Bytes of a file region read ahead (C{POSIX_FADV_WILLNEED}) while the
+previous ones are sent, and the unit of dropping them from the page cache
+behind the cursor.
 """
 
 _END = object()
@@ -157,6 +176,40 @@ class WriterStopped(ProducerStopped):
     """
 
 
+class GuardTripped(RuntimeError):
+    """
+    The reactor used a TLS connection's OpenSSL object while a writer
+    thread owned it (a bug: see the rules in this module's docstring).
+    """
+
+
+class _Guard:
+    """
+    Stands in for a TLS layer's C{OpenSSL.SSL.Connection} while a writer
+    thread owns it: any use from the reactor is logged and raises
+    L{GuardTripped} instead of racing with the thread.
+
+    @cvar trips: uses caught so far in this process (for tests).
+    """
+
+    _log = Logger()
+    trips = 0
+
+    def __init__(self, peer: str):
+        object.__setattr__(self, "_peer", peer)
+
+    def __getattr__(self, name):
+        _Guard.trips += 1
+        self._log.critical(
+            "TLS connection of {peer} used by the reactor ({name}) while "
+            "a writer thread owns it", peer=self._peer, name=name)
+        raise GuardTripped(f"TLS connection in use by a writer thread "
+                           f"({name})")
+
+    def __setattr__(self, name, value):
+        self.__getattr__(name)
+
+
 def _pending(raw) -> bytes | None:
     # Twisted 26.10: abstract.FileDescriptor keeps unsent output in
     # dataBuffer[offset:] followed by the _tempDataBuffer list
@@ -178,6 +231,43 @@ def _clearPending(raw) -> None:
     raw.stopWriting()
 
 
+def _drainBIO(conn) -> bytes:
+    """
+    Everything the TLS layer left in C{conn}'s send BIO (Twisted reads at
+    most 32 KiB per flush; TLS 1.3 session tickets can wait there).
+    """
+    out = []
+    while True:
+        try:
+            out.append(conn.bio_read(_SEND_SIZE))
+        except SSL.WantReadError:
+            return b"".join(out)
+
+
+def _segments(fd: int, offset: int, end: int):
+    """
+    The data and hole segments of a file's range: C{(start, end, isData)}
+    tuples, from C{SEEK_DATA}/C{SEEK_HOLE} (a filesystem without them
+    reports all data).
+    """
+    while offset < end:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            data = end
+        data = min(data, end)
+        if data > offset:
+            yield offset, data, False
+            offset = data
+            if offset >= end:
+                return
+        hole = min(os.lseek(fd, offset, os.SEEK_HOLE), end)
+        yield offset, hole, True
+        offset = hole
+
+
 @implementer(interfaces.IConsumer)
 class SocketWriter:
     """
@@ -190,21 +280,26 @@ class SocketWriter:
 
     @ivar failed: why the thread stopped early (a L{Failure}), or C{None}.
     @cvar bodies: bodies taken over so far in this process (for tests).
-    @cvar regions: file regions sent with C{sendfile} so far (for tests).
+    @cvar regions: file regions sent by the thread so far (for tests).
     """
 
     _log = Logger()
     bodies = 0
     regions = 0
 
-    def __init__(self, reactor, request, raw, tls, conn):
+    def __init__(self, reactor, request, size, raw, tls, conn):
         self._reactor = reactor
+        self._size = size
+        self._bodyEnd = None
         self._request = request
         self._raw = raw
         self._tls = tls
         self._conn = conn
         self._fd = -1
+        self._sock = None
+        self._sockLock = threading.Lock()
         self._timeout = None
+        self._scheduled = None
         self._started = False
         self._pendingOutput = b""
         self._queue: deque = deque()
@@ -218,6 +313,7 @@ class SocketWriter:
         self._ended = False
         self._regionFds: list[int] = []
         self._readBuffer = None
+        self._zeros = None
         self._readWanted = True
         self._savedWrite = None
         self._later: list[bytes] = []
@@ -229,9 +325,10 @@ class SocketWriter:
     def takeOver(cls, request, size: int, reactor=None):
         """
         Reserve a writer for C{request}'s body of C{size} bytes. The
-        connection is taken over at the first L{write}: until then an error
-        can still be answered with a status (a backend that fails its first
-        read gives a 500, not a cut response).
+        connection is taken over on the reactor turn after the first
+        L{write}: until then an error can still be answered with a status
+        (a backend that fails its first read gives a 500, not a cut
+        response).
 
         @return: a L{SocketWriter}, or C{None} when the body should take
             Twisted's path: small, not HTTP/1.x over a socket, a TLS
@@ -244,19 +341,11 @@ class SocketWriter:
         conn = None
         raw = transport
         if isinstance(transport, TLSMemoryBIOProtocol):
-            if not THREADED_TLS:
-                return None
-            # Twisted 26.10: the pyOpenSSL Connection of the TLS layer and
-            # its queue of writes waiting for the handshake.
-            # Guarded by test_bodywriter.test_privateTwisted.
-            conn = getattr(transport, "_tlsConnection", None)
-            if (conn is None or getattr(transport, "_appSendBuffer", True)
-                    or _lib is None or not hasattr(conn, "_from_ssl")):
+            conn = _tlsConnection(transport)
+            if conn is None:
                 return None
             raw = transport.transport
-        if (_pending(raw) is None or not hasattr(raw, "fileno")
-                or getattr(raw, "disconnecting", True)
-                or not getattr(raw, "connected", False)):
+        if not _usable(raw):
             return None
         with _activeLock:
             if _active >= MAX_WRITERS:
@@ -264,28 +353,50 @@ class SocketWriter:
             _active += 1
         if reactor is None:
             from twisted.internet import reactor
-        return cls(reactor, request, raw, transport, conn)
+        return cls(reactor, request, size, raw, transport, conn)
 
-    def _start(self) -> None:
+    def _handOff(self) -> None:
         """
-        Send the headers through Twisted, take the connection over and
-        start the thread.
+        Take the connection over and start the thread; called by the
+        reactor, from a clean stack, after the first write.
         """
+        self._scheduled = None
+        if self._result is not None or self._aborting:
+            return
         request = self._request
-        # The headers go through Twisted (and the TLS layer, whose
-        # small-write aggregator must send them now: BufferingTLSTransport,
-        # Twisted 26.10, guarded by test_bodywriter.test_privateTwisted).
-        request.write(b"")
-        aggregator = getattr(self._tls, "_aggregator", None)
-        if aggregator is not None:
-            aggregator.flush()
         raw = self._raw
+        if (request._disconnected or request.channel is None
+                or not _usable(raw)
+                or (self._conn is not None
+                    and _tlsConnection(self._tls) is not self._conn)):
+            # Lost (or closing) since the first write: Twisted tells the
+            # request; the producer stops and the caller aborts us.
+            self.failed = Failure(WriterStopped(
+                "The connection closed before the body started"))
+            self._stopProducer()
+            if self._ended:
+                # close() waits: it fails, and the slot is given back.
+                self._release(self.failed)
+            return
+        if self._conn is not None:
+            # BufferingTLSTransport's small-write aggregator (Twisted
+            # 26.10) still holds the headers; they go through the TLS
+            # layer now. Guarded by test_bodywriter.test_privateTwisted.
+            self._tls._aggregator.flush()
         raw.stopReading()
-        # Bytes Twisted had not sent yet (the headers, encrypted if TLS):
-        # the thread sends them first, as they are.
-        self._pendingOutput = _pending(raw)
+        # Bytes Twisted had not sent yet (the headers, encrypted if TLS),
+        # then whatever the TLS layer left in the send BIO: the thread
+        # sends them first, as they are.
+        pending = _pending(raw)
         _clearPending(raw)
-        self._fd = os.dup(raw.fileno())
+        if self._conn is not None:
+            pending += _drainBIO(self._conn)
+            # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection is the
+            # only way the TLS layer reaches the Connection.
+            self._tls._tlsConnection = _Guard(str(raw.getPeer()))
+        self._pendingOutput = pending
+        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
+        self._fd = self._sock.fileno()
         channel = request.channel
         # Twisted 26.10: the idle timeout of a connection that handles a
         # request waits in _savedTimeOut (see ImageioChannel).
@@ -293,6 +404,8 @@ class SocketWriter:
                          or channel.timeOut)
         self._started = True
         SocketWriter.bodies += 1
+        self._log.debug("Body of {peer} handed to a writer thread",
+                        peer=str(raw.getPeer()))
         self._guard()
         self._thread = threading.Thread(target=self._run,
                                         name="imageio-writer", daemon=True)
@@ -301,6 +414,9 @@ class SocketWriter:
     def _release(self, result) -> None:
         # Never started: give the slot and the file descriptors back.
         global _active
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
         with _activeLock:
             _active -= 1
         fds, self._regionFds = self._regionFds, []
@@ -315,9 +431,11 @@ class SocketWriter:
         A view of C{backend} whose reads return L{FileRegion}s, or
         C{backend} itself when that is not possible (not a file backend,
         a block device). The thread sends a region with C{sendfile} on a
-        plain socket; over TLS it reads it into its own buffer, through
-        the page cache, and encrypts from there (no pool thread, no copy
-        into a new object, no reactor turn per chunk).
+        plain socket; over TLS it reads it into its own buffer and
+        encrypts from there (no pool thread, no copy into a new object, no
+        reactor turn per chunk). Holes are not read at all, the reads run
+        ahead of the sending, and the pages read are dropped from the
+        page cache behind it.
         """
         reopen = getattr(backend, "sendfileSource", None)
         if reopen is None:
@@ -344,8 +462,11 @@ class SocketWriter:
         if (self.failed is not None or self._aborting or self._ended
                 or self._result is not None):
             return
-        if not self._started:
-            self._start()
+        if not self._started and self._scheduled is None:
+            # The headers go through Twisted now; the thread takes over on
+            # a clean stack (rule 1: this may run inside the TLS layer).
+            self._request.write(b"")
+            self._scheduled = self._reactor.callLater(0, self._handOff)
         with self._cond:
             self._queue.append(data)
             self._queued += len(data)
@@ -366,14 +487,15 @@ class SocketWriter:
             failing with L{WriterStopped} if the body could not be sent
             (the connection is then aborted).
         """
-        if not self._started:
-            if self._result is None:
-                self._release(True)
-            return self._whenDone()
+        if self.failed is not None:
+            return defer.fail(self.failed)
         with self._cond:
             self._ended = True
             self._queue.append(_END)
             self._cond.notify()
+        if not self._started and self._scheduled is None:
+            if self._result is None:
+                self._release(True)
         return self._whenDone()
 
     def abort(self) -> defer.Deferred:
@@ -398,11 +520,19 @@ class SocketWriter:
             self._aborting = True
             self._queue.clear()
             self._cond.notify()
-        try:
-            # Wakes the thread from poll() and fails its next write.
-            socket.socket(fileno=os.dup(self._fd)).shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        with self._sockLock:
+            # Wakes the thread from poll() and fails its next write. Under
+            # the lock the thread closes the socket with (rule 4).
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _stopProducer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
 
     def _whenDone(self) -> defer.Deferred:
         return whenResult(self._result, self._waiters)
@@ -412,11 +542,16 @@ class SocketWriter:
     def _run(self) -> None:
         error = None
         out = None
+        conn = self._conn
         try:
             poller = select.poll()
             poller.register(self._fd, select.POLLOUT)
-            if self._conn is not None:
-                out = _ffi.new("char[]", _SEND_SIZE)
+            if conn is not None:
+                out = _ffi.new("char[]", _SEND_SIZE + _TLS_SLACK)
+                # pyOpenSSL turns partial writes on: SSL_write would
+                # return after every 16 KiB record (rule 3).
+                _lib.SSL_clear_mode(conn._ssl,
+                                    _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
             self._sendAll(self._pendingOutput, poller)
             self._pendingOutput = b""
             while True:
@@ -430,11 +565,8 @@ class SocketWriter:
                     break
                 if isinstance(item, FileRegion):
                     SocketWriter.regions += 1
-                    if self._conn is not None:
-                        self._sendRegionTLS(item, out, poller)
-                    else:
-                        self._sendfile(item, poller)
-                elif self._conn is not None:
+                    self._sendRegion(item, out, poller)
+                elif conn is not None:
                     self._sendTLS(item, out, poller)
                 else:
                     self._sendAll(item, poller)
@@ -448,8 +580,13 @@ class SocketWriter:
             # OpenSSL errors and the like: the connection is unusable.
             error = WriterStopped(f"Writing to the client failed: {e!r}")
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            if conn is not None:
+                _lib.SSL_set_mode(conn._ssl,
+                                  _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+            with self._sockLock:
+                self._sock.close()
+                self._sock = None
+                self._fd = -1
             for fd in self._regionFds:
                 os.close(fd)
             self._reactor.callFromThread(self._threadDone, error)
@@ -494,38 +631,91 @@ class SocketWriter:
         conn = self._conn
         view = memoryview(data)
         while view:
-            # Memory BIOs never refuse a write, so this consumes all of it
-            # but for partial-write mode returning per record.
+            # Partial writes are off and memory BIOs never refuse a
+            # write: this encrypts all of the piece at once.
             n = conn.send(view[:_SEND_SIZE])
             view = view[n:]
             while True:
                 # pyOpenSSL 26.4: Connection._from_ssl is the write BIO.
                 # Guarded by test_bodywriter.test_privateOpenSSL.
-                got = _lib.BIO_read(conn._from_ssl, out, _SEND_SIZE)
+                got = _lib.BIO_read(conn._from_ssl, out,
+                                    _SEND_SIZE + _TLS_SLACK)
                 if got <= 0:
                     break
                 self._sendAll(_ffi.buffer(out, got), poller)
 
-    def _sendRegionTLS(self, region: FileRegion, out, poller) -> None:
+    def _zeroBuffer(self) -> memoryview:
+        if self._zeros is None:
+            self._zeros = memoryview(bytes(_SEND_SIZE))
+        return self._zeros
+
+    def _sendRegion(self, region: FileRegion, out, poller) -> None:
+        """
+        Send a file region: holes as zeroes without reading them, data by
+        C{sendfile} (plain socket) or read and encrypted (TLS), the next
+        chunk read ahead by the kernel while this one is sent, and the
+        pages dropped from the page cache once sent (a host running VMs
+        must not lose its cache to a backup; the reference reads with
+        C{O_DIRECT} for the same reason).
+        """
+        fd = region.fd
+        start = region.offset
+        end = start + region.length
+        if self._bodyEnd is None:
+            self._bodyEnd = start + self._size
+        for segStart, segEnd, isData in _segments(fd, start, end):
+            if not isData:
+                self._sendZeros(segEnd - segStart, out, poller)
+                continue
+            offset = segStart
+            while offset < segEnd:
+                n = min(segEnd - offset, _READ_AHEAD)
+                # The kernel reads the next piece of the body while this
+                # one is sent.
+                ahead = min(_READ_AHEAD, self._bodyEnd - offset - n)
+                if ahead > 0:
+                    os.posix_fadvise(fd, offset + n, ahead,
+                                     os.POSIX_FADV_WILLNEED)
+                if self._conn is None:
+                    self._sendfile(fd, offset, n, poller)
+                else:
+                    self._readAndSendTLS(fd, offset, n, out, poller)
+                # Dropped behind the cursor, the previous piece again
+                # (pages still queued on a socket are kept the first time).
+                back = max(start, offset - _READ_AHEAD)
+                os.posix_fadvise(fd, back, offset + n - back,
+                                 os.POSIX_FADV_DONTNEED)
+                offset += n
+
+    def _sendZeros(self, length: int, out, poller) -> None:
+        zeros = self._zeroBuffer()
+        while length:
+            n = min(length, _SEND_SIZE)
+            if self._conn is None:
+                self._sendAll(zeros[:n], poller)
+            else:
+                self._sendTLS(zeros[:n], out, poller)
+            length -= n
+
+    def _readAndSendTLS(self, fd: int, offset: int, length: int, out,
+                        poller) -> None:
         if self._readBuffer is None:
             self._readBuffer = bytearray(_SEND_SIZE)
         view = memoryview(self._readBuffer)
-        offset = region.offset
-        end = offset + region.length
+        end = offset + length
         while offset < end:
-            n = os.preadv(region.fd, [view[:min(end - offset, _SEND_SIZE)]],
+            n = os.preadv(fd, [view[:min(end - offset, _SEND_SIZE)]],
                           offset)
             if n == 0:
                 raise OSError(errno.EIO, "The file ended before the range")
             self._sendTLS(view[:n], out, poller)
             offset += n
 
-    def _sendfile(self, region: FileRegion, poller) -> None:
-        offset = region.offset
-        end = offset + region.length
+    def _sendfile(self, fd: int, offset: int, length: int, poller) -> None:
+        end = offset + length
         while offset < end:
             try:
-                n = os.sendfile(self._fd, region.fd, offset,
+                n = os.sendfile(self._fd, fd, offset,
                                 min(end - offset, _SENDFILE_SIZE))
             except BlockingIOError:
                 self._wait(poller)
@@ -546,9 +736,7 @@ class SocketWriter:
             if self._abortedByCaller:
                 # The caller has an error to answer with, and does (the
                 # response started: errorResponse aborts the connection).
-                producer, self._producer = self._producer, None
-                if producer is not None:
-                    producer.stopProducing()
+                self._stopProducer()
                 self._finished(self.failed)
                 return
             if not self._aborting:
@@ -559,9 +747,7 @@ class SocketWriter:
             # connection's backends are closed when its operation ends, as
             # on Twisted's path).
             lost = self._request.notifyFinish()
-            producer, self._producer = self._producer, None
-            if producer is not None:
-                producer.stopProducing()
+            self._stopProducer()
             self._tls.abortConnection()
             lost.addBoth(lambda _: self._finished(self.failed))
         else:
@@ -577,13 +763,10 @@ class SocketWriter:
 
     def _guard(self) -> None:
         # Instance attributes shadow the methods until _unguard. Reading
-        # must stay off: a read makes the TLS layer use the connection's
-        # OpenSSL object in the reactor thread while the writer thread
-        # uses it (a soak run caught "bad record mac" and a crash). The
-        # channel resumes its transport after other requests and a TLS
-        # transport passes pause/resume on to the socket's (Twisted 26.10,
-        # ProtocolWrapper.__getattr__); those calls are recorded and
-        # applied when the socket is handed back.
+        # stays off (rule 6). The channel resumes its transport after
+        # other requests and a TLS transport passes pause/resume on to the
+        # socket's (Twisted 26.10, ProtocolWrapper.__getattr__); those
+        # calls are recorded and applied when the socket is handed back.
         for target in {id(self._tls): self._tls,
                        id(self._raw): self._raw}.values():
             target.abortConnection = self._abortFromOutside
@@ -591,13 +774,15 @@ class SocketWriter:
         raw = self._raw
         raw.startReading = raw.resumeProducing = self._wantReading
         raw.stopReading = raw.pauseProducing = self._wantNoReading
-        # Output from the reactor (the TLS layer would encrypt it with the
-        # same OpenSSL object) waits until the socket is handed back.
+        # Output from the reactor waits until the socket is handed back
+        # (over TLS the guard would refuse it).
         self._savedWrite = self._tls.__dict__.get("write")
         self._tls.write = self._laterWrite
         self._tls.writeSequence = self._laterWriteSequence
 
     def _unguard(self) -> None:
+        if self._conn is not None:
+            self._tls._tlsConnection = self._conn
         for target in (self._tls, self._raw):
             for name in ("abortConnection", "loseConnection", "startReading",
                          "resumeProducing", "stopReading", "pauseProducing",
@@ -627,3 +812,29 @@ class SocketWriter:
         # body will not complete. Stop the thread; _threadDone aborts.
         self._log.debug("Connection closed during a threaded download")
         self._stopThread()
+
+
+def _tlsConnection(transport):
+    """
+    The pyOpenSSL Connection of a TLS transport that a thread may take
+    over, or C{None}: still handshaking (writes queued in
+    C{_appSendBuffer}), closing, or a pyOpenSSL without the bindings used.
+    """
+    # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection, _appSendBuffer,
+    # _handshakeDone, _lostTLSConnection; BufferingTLSTransport._aggregator.
+    # Guarded by test_bodywriter.test_privateTwisted.
+    conn = getattr(transport, "_tlsConnection", None)
+    if (conn is None or isinstance(conn, _Guard) or _lib is None
+            or getattr(transport, "_appSendBuffer", True)
+            or not getattr(transport, "_handshakeDone", False)
+            or getattr(transport, "_lostTLSConnection", True)
+            or not hasattr(transport, "_aggregator")
+            or not hasattr(conn, "_from_ssl") or not hasattr(conn, "_ssl")):
+        return None
+    return conn
+
+
+def _usable(raw) -> bool:
+    return (_pending(raw) is not None and hasattr(raw, "fileno")
+            and not getattr(raw, "disconnecting", True)
+            and getattr(raw, "connected", False))
