@@ -10,10 +10,12 @@ reactor serving them keeps running.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import socket
 import ssl
+import subprocess
 import time
 
 import pytest
@@ -462,3 +464,118 @@ def test_drainBIO_takes_everything():
     assert len(out) > 100 * 1024
     with pytest.raises(SSL.WantReadError):
         server.bio_read(1)
+
+
+# ---------------------------------------------------------------------------
+# The page cache and holes.
+
+
+def cachedBytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw",
+                          "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def dropCache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def countingDownload(con, path):
+    # Reads the body without keeping it; returns (status, length, digest).
+    con.request("GET", path)
+    r = con.getresponse()
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        chunk = r.read(MiB)
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+    con.close()
+    return r.status, n, h.hexdigest()
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
+                                             transport):
+    # A host running VMs must not lose its page cache to a backup: after
+    # a 1 GiB download (the file's cache dropped first) at most 64 MiB of
+    # the image stays cached.
+    size = 1024 * MiB
+    path = tmp_path / "big.raw"
+    block = os.urandom(MiB)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+            h.update(block)
+    dropCache(path)
+    assert cachedBytes(path) < 8 * MiB
+    tlsServer.addTicket("big", size=size, url=f"file://{path}")
+    con = (tlsConnection(tlsServer) if transport == "tls"
+           else UnixHTTPConnection(tlsServer.unixPath))
+    regions = SocketWriter.regions
+    result = await threads.deferToThread(countingDownload, con,
+                                         "/images/big")
+    assert result == (200, size, h.hexdigest())
+    assert SocketWriter.regions > regions
+    assert cachedBytes(path) <= 64 * MiB
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_download_holes(tlsServer, tmp_path, transport):
+    # Holes are sent as zeroes without reading them; data around them,
+    # unaligned ranges across the edges, all byte for byte.
+    size = 40 * MiB
+    path = tmp_path / "holes.raw"
+    data = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for start, length in ((0, 3 * MiB), (11 * MiB + 4096, 5 * MiB),
+                              (33 * MiB, 7 * MiB)):
+            piece = os.urandom(length)
+            f.seek(start)
+            f.write(piece)
+            data[start:start + length] = piece
+    data = bytes(data)
+    tlsServer.addTicket("holes", size=size, url=f"file://{path}")
+
+    def run():
+        con = (tlsConnection(tlsServer) if transport == "tls"
+               else UnixHTTPConnection(tlsServer.unixPath))
+        out = [get(con, "/images/holes") == (200, data)]
+        for first, last in ((2 * MiB + 1, 12 * MiB + 7),
+                            (15 * MiB, 34 * MiB - 3)):
+            out.append(get(con, "/images/holes",
+                           {"Range": f"bytes={first}-{last}"})
+                       == (206, data[first:last + 1]))
+        con.close()
+        return out
+
+    regions = SocketWriter.regions
+    assert await threads.deferToThread(run) == [True] * 3
+    assert SocketWriter.regions > regions
+
+
+def test_segments(tmp_path):
+    path = tmp_path / "seg.raw"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+        f.seek(4 * MiB)
+        f.write(b"x" * MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = list(bodywriter._segments(fd, MiB, 15 * MiB))
+    finally:
+        os.close(fd)
+    assert got == [(MiB, 4 * MiB, False), (4 * MiB, 5 * MiB, True),
+                   (5 * MiB, 15 * MiB, False)]

@@ -290,6 +290,7 @@ class SocketWriter:
     def __init__(self, reactor, request, size, raw, tls, conn):
         self._reactor = reactor
         self._size = size
+        self._bodyStart = None
         self._bodyEnd = None
         self._request = request
         self._raw = raw
@@ -562,6 +563,7 @@ class SocketWriter:
                         raise WriterStopped("The download was aborted")
                     item = self._queue.popleft()
                 if item is _END:
+                    self._dropBody()
                     break
                 if isinstance(item, FileRegion):
                     SocketWriter.regions += 1
@@ -662,6 +664,7 @@ class SocketWriter:
         start = region.offset
         end = start + region.length
         if self._bodyEnd is None:
+            self._bodyStart = start
             self._bodyEnd = start + self._size
         for segStart, segEnd, isData in _segments(fd, start, end):
             if not isData:
@@ -686,6 +689,14 @@ class SocketWriter:
                 os.posix_fadvise(fd, back, offset + n - back,
                                  os.POSIX_FADV_DONTNEED)
                 offset += n
+
+    def _dropBody(self) -> None:
+        # Pages that were still queued on the socket when their piece was
+        # dropped get a second chance (all but the last few MiB).
+        if self._bodyStart is not None:
+            os.posix_fadvise(self._regionFds[0], self._bodyStart,
+                             self._bodyEnd - self._bodyStart,
+                             os.POSIX_FADV_DONTNEED)
 
     def _sendZeros(self, length: int, out, poller) -> None:
         zeros = self._zeroBuffer()
