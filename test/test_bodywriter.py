@@ -28,7 +28,7 @@ from twisted.protocols import tls
 from imageio.config import TLS
 from imageio.tls import tlsOptions
 from imageio.units import MiB
-from imageio.web import bodywriter
+from imageio.web import bodywriter, handoff
 from imageio.web.bodywriter import SocketWriter
 
 from test.support import UnixHTTPConnection, makePKI
@@ -130,10 +130,10 @@ def test_privateTwisted():
     fd.startWriting = lambda: None
     fd.write(b"abc")
     fd.write(b"def")
-    assert bodywriter._pending(fd) == b"abcdef"
+    assert handoff.pending(fd) == b"abcdef"
     fd.stopWriting = lambda: None
-    bodywriter._clearPending(fd)
-    assert bodywriter._pending(fd) == b""
+    handoff.clearPending(fd)
+    assert handoff.pending(fd) == b""
 
     # BufferingTLSTransport: its OpenSSL Connection, its queue of writes
     # waiting for the handshake, and its small-write aggregator.
@@ -375,12 +375,12 @@ async def test_tls_keep_alive(tlsServer, tmp_path):
     # ranges, OPTIONS), and nothing trips the guard.
     data = fileTicket(tlsServer, tmp_path)
     before = SocketWriter.bodies
-    trips = bodywriter._Guard.trips
+    trips = handoff.Guard.trips
     results = await threads.deferToThread(
         sequence, tlsConnection(tlsServer), "f1", data)
     assert results == [True] * 4
     assert SocketWriter.bodies == before + 2
-    assert bodywriter._Guard.trips == trips
+    assert handoff.Guard.trips == trips
 
 
 @pytest_twisted.ensureDeferred
@@ -419,13 +419,13 @@ async def test_tls_handoff_from_clean_stack(tlsServer, tmp_path,
 
 
 def test_guard_raises_and_counts():
-    guard = bodywriter._Guard("peer")
-    trips = bodywriter._Guard.trips
-    with pytest.raises(bodywriter.GuardTripped):
+    guard = handoff.Guard("peer")
+    trips = handoff.Guard.trips
+    with pytest.raises(handoff.GuardTripped):
         guard.recv(1)
-    with pytest.raises(bodywriter.GuardTripped):
+    with pytest.raises(handoff.GuardTripped):
         guard.bio_read(1)
-    assert bodywriter._Guard.trips == trips + 2
+    assert handoff.Guard.trips == trips + 2
 
 
 def test_drainBIO_takes_everything():
@@ -460,7 +460,7 @@ def test_drainBIO_takes_everything():
     while sent < 100 * 1024:
         # pyOpenSSL's partial-write mode: one 16 KiB record per call.
         sent += server.send(b"x" * (100 * 1024 - sent))
-    out = bodywriter._drainBIO(server)
+    out = handoff.drainBIO(server)
     assert len(out) > 100 * 1024
     with pytest.raises(SSL.WantReadError):
         server.bio_read(1)

@@ -17,30 +17,10 @@ large pieces; a file backend's ranges are read by the thread itself
 cache. When the body is done the connection is handed back to Twisted,
 and keep-alive goes on as before.
 
-The rules of the hand-off (C{TLS-HANDOFF.md}; each broke a soak when
-missing):
-
-  1. It starts from a clean reactor stack (C{callLater(0)}), never from
-     inside C{write}: the first write may come synchronously from inside
-     C{TLSMemoryBIOProtocol.dataReceived} (a keep-alive request whose
-     backend read is already done), and the TLS layer goes on using the
-     OpenSSL object in that same frame (C{recv}, then C{bio_read}).
-  2. At the hand-off, in the reactor: the TLS layer's small-write
-     aggregator is flushed, Twisted stops reading and writing the socket,
-     its unsent bytes and everything left in the send BIO (drained until
-     C{WantReadError}) are taken for the thread to send first, and a
-     L{_Guard} takes the place of the TLS layer's Connection. The guard
-     logs and raises on any use, so a path we missed fails loudly instead
-     of corrupting the stream.
-  3. In the thread: OpenSSL's partial-write mode is off (one C{SSL_write}
-     per MiB, not per record); a duplicate descriptor, one reused buffer.
-  4. Aborts from the reactor shut the duplicate down under the lock the
-     thread closes it with.
-  5. The connection comes back through C{callFromThread}: the modes are
-     restored, the Connection put back, writes made meanwhile replayed
-     and reading resumed.
-  6. Renegotiation is off on the context (L{imageio.tls}), and the
-     reactor never reads while the thread owns the connection.
+The hand-off follows the rules of L{imageio.web.handoff} (taken from
+the reactor on a clean stack after the first write, a guard in place of
+the TLS layer's Connection, partial writes off in the thread, aborts under
+the thread's close lock).
 
 This module touches private Twisted and pyOpenSSL attributes; each use
 names the version it was checked against and the test of
@@ -52,11 +32,9 @@ from __future__ import annotations
 import errno
 import os
 import select
-import socket
 import threading
 from collections import deque
 
-from OpenSSL import SSL
 from twisted.internet import defer, interfaces
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -65,15 +43,9 @@ from zope.interface import implementer
 from imageio.logs import Logger
 from imageio.transfer import ProducerStopped, fireWaiters, whenResult
 from imageio.units import MiB
+from imageio.web import handoff
+from imageio.web.handoff import ffi as _ffi, lib as _lib
 
-try:
-    # pyOpenSSL 26.4: the low level binding Connection uses; lets the
-    # thread drain the memory BIO into one reused buffer instead of a new
-    # allocation and a copy per call (Connection.bio_read).
-    # Guarded by test_bodywriter.test_privateOpenSSL.
-    from OpenSSL._util import ffi as _ffi, lib as _lib
-except ImportError:  # pragma: no cover - a future pyOpenSSL
-    _ffi = _lib = None
 
 __all__ = ["SocketWriter", "FileRegion", "MIN_SIZE", "MAX_WRITERS"]
 
@@ -176,74 +148,6 @@ class WriterStopped(ProducerStopped):
     """
 
 
-class GuardTripped(RuntimeError):
-    """
-    The reactor used a TLS connection's OpenSSL object while a writer
-    thread owned it (a bug: see the rules in this module's docstring).
-    """
-
-
-class _Guard:
-    """
-    Stands in for a TLS layer's C{OpenSSL.SSL.Connection} while a writer
-    thread owns it: any use from the reactor is logged and raises
-    L{GuardTripped} instead of racing with the thread.
-
-    @cvar trips: uses caught so far in this process (for tests).
-    """
-
-    _log = Logger()
-    trips = 0
-
-    def __init__(self, peer: str):
-        object.__setattr__(self, "_peer", peer)
-
-    def __getattr__(self, name):
-        _Guard.trips += 1
-        self._log.critical(
-            "TLS connection of {peer} used by the reactor ({name}) while "
-            "a writer thread owns it", peer=self._peer, name=name)
-        raise GuardTripped(f"TLS connection in use by a writer thread "
-                           f"({name})")
-
-    def __setattr__(self, name, value):
-        self.__getattr__(name)
-
-
-def _pending(raw) -> bytes | None:
-    # Twisted 26.10: abstract.FileDescriptor keeps unsent output in
-    # dataBuffer[offset:] followed by the _tempDataBuffer list
-    # (_tempDataLen bytes). Guarded by test_bodywriter.test_privateTwisted.
-    try:
-        data = raw.dataBuffer[raw.offset:]
-        temp = raw._tempDataBuffer
-        raw._tempDataLen
-    except AttributeError:
-        return None
-    return bytes(data) + b"".join(temp)
-
-
-def _clearPending(raw) -> None:
-    raw.dataBuffer = b""
-    raw.offset = 0
-    raw._tempDataBuffer = []
-    raw._tempDataLen = 0
-    raw.stopWriting()
-
-
-def _drainBIO(conn) -> bytes:
-    """
-    Everything the TLS layer left in C{conn}'s send BIO (Twisted reads at
-    most 32 KiB per flush; TLS 1.3 session tickets can wait there).
-    """
-    out = []
-    while True:
-        try:
-            out.append(conn.bio_read(_SEND_SIZE))
-        except SSL.WantReadError:
-            return b"".join(out)
-
-
 def _segments(fd: int, offset: int, end: int):
     """
     The data and hole segments of a file's range: C{(start, end, isData)}
@@ -298,7 +202,6 @@ class SocketWriter:
         self._conn = conn
         self._fd = -1
         self._sock = None
-        self._sockLock = threading.Lock()
         self._timeout = None
         self._scheduled = None
         self._started = False
@@ -342,11 +245,11 @@ class SocketWriter:
         conn = None
         raw = transport
         if isinstance(transport, TLSMemoryBIOProtocol):
-            conn = _tlsConnection(transport)
+            conn = handoff.tlsConnection(transport)
             if conn is None:
                 return None
             raw = transport.transport
-        if not _usable(raw):
+        if not handoff.usable(raw):
             return None
         with _activeLock:
             if _active >= MAX_WRITERS:
@@ -367,9 +270,9 @@ class SocketWriter:
         request = self._request
         raw = self._raw
         if (request._disconnected or request.channel is None
-                or not _usable(raw)
+                or not handoff.usable(raw)
                 or (self._conn is not None
-                    and _tlsConnection(self._tls) is not self._conn)):
+                    and handoff.tlsConnection(self._tls) is not self._conn)):
             # Lost (or closing) since the first write: Twisted tells the
             # request; the producer stops and the caller aborts us.
             self.failed = Failure(WriterStopped(
@@ -379,25 +282,11 @@ class SocketWriter:
                 # close() waits: it fails, and the slot is given back.
                 self._release(self.failed)
             return
-        if self._conn is not None:
-            # BufferingTLSTransport's small-write aggregator (Twisted
-            # 26.10) still holds the headers; they go through the TLS
-            # layer now. Guarded by test_bodywriter.test_privateTwisted.
-            self._tls._aggregator.flush()
-        raw.stopReading()
-        # Bytes Twisted had not sent yet (the headers, encrypted if TLS),
-        # then whatever the TLS layer left in the send BIO: the thread
-        # sends them first, as they are.
-        pending = _pending(raw)
-        _clearPending(raw)
-        if self._conn is not None:
-            pending += _drainBIO(self._conn)
-            # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection is the
-            # only way the TLS layer reaches the Connection.
-            self._tls._tlsConnection = _Guard(str(raw.getPeer()))
-        self._pendingOutput = pending
-        self._sock = socket.socket(fileno=os.dup(raw.fileno()))
-        self._fd = self._sock.fileno()
+        # The headers (encrypted if TLS) and anything else Twisted had not
+        # sent yet: the thread sends them first, as they are.
+        self._pendingOutput = handoff.takeOutput(self._tls, raw, self._conn)
+        self._sock = handoff.ThreadSocket(raw.fileno())
+        self._fd = self._sock.fd
         channel = request.channel
         # Twisted 26.10: the idle timeout of a connection that handles a
         # request waits in _savedTimeOut (see ImageioChannel).
@@ -521,14 +410,9 @@ class SocketWriter:
             self._aborting = True
             self._queue.clear()
             self._cond.notify()
-        with self._sockLock:
-            # Wakes the thread from poll() and fails its next write. Under
-            # the lock the thread closes the socket with (rule 4).
-            if self._sock is not None:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        if self._sock is not None:
+            # Wakes the thread from poll() and fails its next write.
+            self._sock.shutdown()
 
     def _stopProducer(self) -> None:
         producer, self._producer = self._producer, None
@@ -585,10 +469,8 @@ class SocketWriter:
             if conn is not None:
                 _lib.SSL_set_mode(conn._ssl,
                                   _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-            with self._sockLock:
-                self._sock.close()
-                self._sock = None
-                self._fd = -1
+            self._sock.close()
+            self._fd = -1
             for fd in self._regionFds:
                 os.close(fd)
             self._reactor.callFromThread(self._threadDone, error)
@@ -792,8 +674,7 @@ class SocketWriter:
         self._tls.writeSequence = self._laterWriteSequence
 
     def _unguard(self) -> None:
-        if self._conn is not None:
-            self._tls._tlsConnection = self._conn
+        handoff.restoreConnection(self._tls, self._conn)
         for target in (self._tls, self._raw):
             for name in ("abortConnection", "loseConnection", "startReading",
                          "resumeProducing", "stopReading", "pauseProducing",
@@ -823,29 +704,3 @@ class SocketWriter:
         # body will not complete. Stop the thread; _threadDone aborts.
         self._log.debug("Connection closed during a threaded download")
         self._stopThread()
-
-
-def _tlsConnection(transport):
-    """
-    The pyOpenSSL Connection of a TLS transport that a thread may take
-    over, or C{None}: still handshaking (writes queued in
-    C{_appSendBuffer}), closing, or a pyOpenSSL without the bindings used.
-    """
-    # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection, _appSendBuffer,
-    # _handshakeDone, _lostTLSConnection; BufferingTLSTransport._aggregator.
-    # Guarded by test_bodywriter.test_privateTwisted.
-    conn = getattr(transport, "_tlsConnection", None)
-    if (conn is None or isinstance(conn, _Guard) or _lib is None
-            or getattr(transport, "_appSendBuffer", True)
-            or not getattr(transport, "_handshakeDone", False)
-            or getattr(transport, "_lostTLSConnection", True)
-            or not hasattr(transport, "_aggregator")
-            or not hasattr(conn, "_from_ssl") or not hasattr(conn, "_ssl")):
-        return None
-    return conn
-
-
-def _usable(raw) -> bool:
-    return (_pending(raw) is not None and hasattr(raw, "fileno")
-            and not getattr(raw, "disconnecting", True)
-            and getattr(raw, "connected", False))

@@ -1,0 +1,248 @@
+# -*- test-case-name: test.test_bodywriter,test.test_bodyreader -*-
+"""
+Taking a connection from Twisted for a thread, and giving it back: what
+the body threads (L{imageio.web.bodywriter}, L{imageio.web.bodyreader})
+share.
+
+The rules (C{TLS-HANDOFF.md}; each broke a soak when missing):
+
+  1. A hand-off starts from a clean reactor stack (C{callLater(0)}),
+     never from code that may run inside C{TLSMemoryBIOProtocol
+     .dataReceived}: the TLS layer goes on using the OpenSSL object in
+     that same frame (C{recv}, then C{bio_read}).
+  2. At the hand-off, in the reactor (L{takeOutput}, L{Guard}): the TLS
+     layer's small-write aggregator is flushed, Twisted stops reading and
+     writing the socket, its unsent bytes and everything left in the send
+     BIO (drained until C{WantReadError}) go to the thread to send first,
+     and a L{Guard} takes the place of the TLS layer's Connection: any use
+     from the reactor is logged and raises, so a path we missed fails
+     loudly instead of corrupting the stream.
+  3. In the thread: OpenSSL's partial-write mode is off (one C{SSL_write}
+     per MiB, not per 16 KiB record); a duplicate descriptor; reused
+     buffers.
+  4. Aborts from the reactor shut the duplicate down under the lock the
+     thread closes it with (L{ThreadSocket}).
+  5. The connection comes back through C{callFromThread}: modes restored,
+     the Connection put back (L{restoreConnection}), writes made meanwhile
+     replayed, reading resumed, and plaintext the thread left in OpenSSL's
+     buffers delivered (L{flushReceived}).
+  6. Renegotiation is off on the context (L{imageio.tls}), and the reactor
+     never reads while a thread owns the connection.
+
+This module touches private Twisted and pyOpenSSL attributes; each use
+names the version it was checked against and the test that fails if an
+upgrade changes it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from OpenSSL import SSL
+
+from imageio.logs import Logger
+
+try:
+    # pyOpenSSL 26.4: the low level binding Connection uses; lets the
+    # threads move bytes between OpenSSL and reused buffers without a new
+    # allocation and a copy per call (Connection.bio_read, recv_into).
+    # Guarded by test_bodywriter.test_privateOpenSSL.
+    from OpenSSL._util import ffi, lib
+except ImportError:  # pragma: no cover - a future pyOpenSSL
+    ffi = lib = None
+
+__all__ = ["Guard", "GuardTripped", "ThreadSocket", "tlsConnection",
+           "usable", "takeOutput", "restoreConnection", "flushReceived",
+           "pending", "clearPending", "ffi", "lib"]
+
+_DRAIN_SIZE = 1024 * 1024
+
+
+class GuardTripped(RuntimeError):
+    """
+    The reactor used a TLS connection's OpenSSL object while a thread
+    owned it (a bug: see the rules in this module's docstring).
+    """
+
+
+class Guard:
+    """
+    Stands in for a TLS layer's C{OpenSSL.SSL.Connection} while a thread
+    owns it: any use from the reactor is logged and raises
+    L{GuardTripped} instead of racing with the thread.
+
+    @cvar trips: uses caught so far in this process (for tests).
+    """
+
+    _log = Logger()
+    trips = 0
+
+    def __init__(self, peer: str):
+        object.__setattr__(self, "_peer", peer)
+
+    def __getattr__(self, name):
+        Guard.trips += 1
+        self._log.critical(
+            "TLS connection of {peer} used by the reactor ({name}) while "
+            "a body thread owns it", peer=self._peer, name=name)
+        raise GuardTripped(f"TLS connection in use by a body thread "
+                           f"({name})")
+
+    def __setattr__(self, name, value):
+        self.__getattr__(name)
+
+
+class ThreadSocket:
+    """
+    A duplicate of a connection's socket for a thread, with a close that
+    the reactor's abort cannot race with (rule 4): the reactor shuts it
+    down only while the thread has not closed it, under one lock.
+
+    @ivar fd: the duplicate's descriptor, C{-1} once closed.
+    """
+
+    def __init__(self, fileno: int):
+        self.sock = socket.socket(fileno=os.dup(fileno))
+        self.fd = self.sock.fileno()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def shutdown(self) -> None:
+        """
+        Wake the thread from any wait and fail its next read or write
+        (from the reactor).
+        """
+        with self._lock:
+            if not self._closed:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """
+        Close the duplicate (from the thread, when it is done).
+        """
+        with self._lock:
+            self._closed = True
+            self.sock.close()
+            self.fd = -1
+
+
+def pending(raw) -> bytes | None:
+    """
+    The bytes Twisted has not sent yet on C{raw} (a socket transport), or
+    C{None} if its buffers are not the ones this module knows.
+    """
+    # Twisted 26.10: abstract.FileDescriptor keeps unsent output in
+    # dataBuffer[offset:] followed by the _tempDataBuffer list
+    # (_tempDataLen bytes). Guarded by test_bodywriter.test_privateTwisted.
+    try:
+        data = raw.dataBuffer[raw.offset:]
+        temp = raw._tempDataBuffer
+        raw._tempDataLen
+    except AttributeError:
+        return None
+    return bytes(data) + b"".join(temp)
+
+
+def clearPending(raw) -> None:
+    """
+    Forget C{raw}'s unsent bytes (taken by L{pending}) and stop writing.
+    """
+    raw.dataBuffer = b""
+    raw.offset = 0
+    raw._tempDataBuffer = []
+    raw._tempDataLen = 0
+    raw.stopWriting()
+
+
+def drainBIO(conn) -> bytes:
+    """
+    Everything the TLS layer left in C{conn}'s send BIO (Twisted reads at
+    most 32 KiB per flush; TLS 1.3 session tickets can wait there).
+    """
+    out = []
+    while True:
+        try:
+            out.append(conn.bio_read(_DRAIN_SIZE))
+        except SSL.WantReadError:
+            return b"".join(out)
+
+
+def tlsConnection(transport):
+    """
+    The pyOpenSSL Connection of a TLS transport that a thread may take
+    over, or C{None}: still handshaking (writes queued in
+    C{_appSendBuffer}), closing, already owned by a thread, or a pyOpenSSL
+    without the bindings used.
+    """
+    # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection, _appSendBuffer,
+    # _handshakeDone, _lostTLSConnection; BufferingTLSTransport._aggregator.
+    # Guarded by test_bodywriter.test_privateTwisted.
+    conn = getattr(transport, "_tlsConnection", None)
+    if (conn is None or isinstance(conn, Guard) or lib is None
+            or getattr(transport, "_appSendBuffer", True)
+            or not getattr(transport, "_handshakeDone", False)
+            or getattr(transport, "_lostTLSConnection", True)
+            or not hasattr(transport, "_aggregator")
+            or not hasattr(conn, "_from_ssl") or not hasattr(conn, "_ssl")
+            or not hasattr(conn, "_into_ssl")):
+        return None
+    return conn
+
+
+def usable(raw) -> bool:
+    """
+    Whether a thread may take C{raw} (a socket transport) over: a
+    connected socket whose buffers this module knows.
+    """
+    return (pending(raw) is not None and hasattr(raw, "fileno")
+            and not getattr(raw, "disconnecting", True)
+            and getattr(raw, "connected", False))
+
+
+def takeOutput(tls, raw, conn) -> bytes:
+    """
+    Rule 2: stop Twisted on the socket and take what it has not sent yet.
+    Over TLS (C{conn} not C{None}, C{tls} the TLS transport) the
+    aggregator is flushed first, the send BIO drained after, and a
+    L{Guard} put in place of the Connection.
+
+    @return: the bytes the thread must send before anything else.
+    """
+    if conn is not None:
+        # BufferingTLSTransport's small-write aggregator (Twisted 26.10)
+        # may hold the headers or a 100 Continue.
+        tls._aggregator.flush()
+    raw.stopReading()
+    out = pending(raw)
+    clearPending(raw)
+    if conn is not None:
+        out += drainBIO(conn)
+        tls._tlsConnection = Guard(str(raw.getPeer()))
+    return out
+
+
+def restoreConnection(tls, conn) -> None:
+    """
+    Rule 5: give the TLS layer its Connection back.
+    """
+    if conn is not None:
+        tls._tlsConnection = conn
+
+
+def flushReceived(tls, conn) -> None:
+    """
+    Deliver plaintext a thread left in the Connection's buffers (bytes it
+    read past the body: a pipelined request) through the TLS layer, as if
+    they had just arrived. Call on a clean reactor stack, after
+    L{restoreConnection}.
+    """
+    # Twisted 26.10: TLSMemoryBIOProtocol._flushReceiveBIO, the loop its
+    # dataReceived runs after bio_write. Guarded by
+    # test_bodyreader.test_privateTwisted.
+    if tls._tlsConnection is conn and not tls._lostTLSConnection:
+        tls._flushReceiveBIO()
