@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import ssl
 
 import pytest
 import pytest_twisted
@@ -17,12 +18,13 @@ from twisted.internet import defer, reactor, threads
 from twisted.web import http as twhttp
 
 from imageio.units import MiB
-from imageio.web import bodyreader
+from imageio.web import bodyreader, handoff
 from imageio.web.bodyreader import SocketReader
 
 from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
 from test.support import UnixHTTPConnection
-from test.test_bodywriter import sparseFileTicket
+from test.test_bodywriter import (  # noqa: F401
+    sparseFileTicket, tlsConnection, tlsServer)
 
 
 @pytest.fixture
@@ -186,3 +188,152 @@ async def test_fallback_when_too_many_readers(server, tmp_path, monkeypatch):
     assert status == 200
     assert SocketReader.bodies == before
     assert target.read_bytes()[:size] == data
+
+
+# ---------------------------------------------------------------------------
+# TLS: the thread decrypts.
+
+
+def tlsSocket(server):
+    ctx = ssl.create_default_context(cafile=server.pki.ca)
+    raw = socket.create_connection(("127.0.0.1", server.tlsPort.getHost().port),
+                                   timeout=30)
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def readResponse(sock, buf):
+    """
+    One response from C{sock} (C{buf}: bytes already read); returns
+    (status, body, rest of buf).
+    """
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(buf) < length:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    return int(lines[0].split()[1]), buf[:length], buf[length:]
+
+
+@pytest.mark.parametrize("backend", ["file", "memory"])
+@pytest_twisted.ensureDeferred
+async def test_tls_upload_keep_alive(tlsServer, tmp_path, backend):
+    size = 20 * MiB + 123
+    if backend == "file":
+        _, target = sparseFileTicket(tlsServer, tmp_path, "f1", size)
+    else:
+        tlsServer.addTicket("f1", size=size)
+    data = os.urandom(size)
+    before = SocketReader.bodies
+    trips = handoff.Guard.trips
+
+    def run():
+        con = tlsConnection(tlsServer)
+        out = [upload(con, "/images/f1", data)]
+        out.append(upload(con, "/images/f1", data[:8 * MiB],
+                          {"Content-Range": f"bytes 0-{8 * MiB - 1}/*"}))
+        con.request("GET", "/images/f1")
+        r = con.getresponse()
+        out.append((r.status, r.read() == data))
+        con.close()
+        return out
+
+    results = await threads.deferToThread(run)
+    assert results == [(200, b""), (200, b""), (200, True)]
+    assert SocketReader.bodies == before + 2
+    assert handoff.Guard.trips == trips
+    if backend == "file":
+        # (O_DIRECT pads the file to the next block with zeroes.)
+        assert target.read_bytes()[:size] == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_upload_pipelined_request(tlsServer, tmp_path):
+    # The next request is sent with the body, in the same TLS records:
+    # the thread reads part of it past the body, and the TLS layer must
+    # still deliver it after the hand-back.
+    size = 9 * MiB + 17
+    _, target = sparseFileTicket(tlsServer, tmp_path, "p1", size)
+    data = os.urandom(size)
+    before = SocketReader.bodies
+
+    def run():
+        sock = tlsSocket(tlsServer)
+        sock.sendall(b"PUT /images/p1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size + data +
+                     b"GET /images/p1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Range: bytes=0-99\r\n\r\n")
+        first = readResponse(sock, b"")
+        second = readResponse(sock, first[2])
+        sock.close()
+        return first[0], second[0], second[1]
+
+    put, get, body = await threads.deferToThread(run)
+    assert (put, get, body) == (200, 206, data[:100])
+    assert SocketReader.bodies == before + 1
+    assert target.read_bytes()[:size] == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_client_disconnect_mid_body(tlsServer, tmp_path):
+    size = 64 * MiB
+    ticket, _ = sparseFileTicket(tlsServer, tmp_path, "d1", size,
+                                 ops=["write"])
+    before = SocketReader.bodies
+    sock = await threads.deferToThread(tlsSocket, tlsServer)
+    sock.sendall(b"PUT /images/d1 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % size)
+    await threads.deferToThread(sock.sendall, os.urandom(12 * MiB))
+    await _waitFor(lambda: SocketReader.bodies == before + 1)
+    sock.close()
+    await _waitFor(lambda: not ticket.active, timeout=10)
+    con = tlsConnection(tlsServer)
+    status, _ = await threads.deferToThread(
+        upload, con, "/images/d1", b"z" * MiB,
+        {"Content-Range": f"bytes 0-{MiB - 1}/*"})
+    con.close()
+    assert status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_cancel_answers_early(tlsServer):
+    # A held backend pauses the thread; a cancel answers 403 early: the
+    # thread gives the connection back first, and the answer goes out
+    # through the TLS layer.
+    tlsServer.addTicket(size=64 * MiB)
+    tlsServer.holds["t1"] = ["write"]
+    before = SocketReader.bodies
+    sock = await threads.deferToThread(tlsSocket, tlsServer)
+    sock.sendall(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % (64 * MiB))
+
+    def push():
+        sock.settimeout(2)
+        sent = 0
+        try:
+            while sent < 40 * MiB:
+                sent += sock.send(b"y" * MiB)
+        except (TimeoutError, socket.timeout, ssl.SSLWantWriteError):
+            pass
+        return sent
+
+    sent = await threads.deferToThread(push)
+    assert tlsServer.opened and tlsServer.opened[0].pending
+    assert SocketReader.bodies == before + 1
+    assert sent < 40 * MiB
+    removed = tlsServer.store.remove("t1", 5)
+    tlsServer.opened[0].release()
+    await removed
+    sock.settimeout(10)
+    status, _, _ = await threads.deferToThread(readResponse, sock, b"")
+    assert status == 403
+    sock.close()

@@ -7,6 +7,9 @@ pipelined while a body streams, and uploads to a second ticket verified at
 the end. Every byte is compared; the daemon must log no traceback and its
 guard must never fire.
 
+Large upload bodies (half of the PUTs) are decrypted by the reader thread
+(imageio.web.bodyreader) on the same keep-alive connections.
+
 A synchronous hand-off (the thread started from inside the TLS layer's
 dataReceived) failed this with "bad record mac" errors at the clients and
 a daemon crash (TLS-HANDOFF.md).
@@ -80,5 +83,7 @@ def test_tls_writer_stress(tmp_path):
     assert sum(r["puts"] for r in results) > 0
     assert "Traceback" not in log
     assert "while a body thread owns it" not in log
-    # The thread really carried the large bodies.
+    # The threads really carried the large bodies, both ways.
     assert log.count("handed to a writer thread") > gets * 0.2
+    puts = sum(r["puts"] for r in results)
+    assert log.count("handed to a reader thread") > puts * 0.25

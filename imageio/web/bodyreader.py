@@ -1,22 +1,29 @@
 # -*- test-case-name: test.test_bodyreader -*-
 """
-Request bodies read by a thread from a plain socket.
+Request bodies read by a thread from the connection's socket.
 
-On a unix socket a request body arrives in reads of about 64 KiB, and each
-one went through Twisted's transport, the HTTP parser and the upload sink
-in the reactor thread: 0.5 s of CPU per GiB in Python alone, the reference
-spending 0.05-0.15 s per GiB in all. A L{SocketReader} takes the socket of
-a plain connection (the local service, or the remote one without TLS)
-over for the rest of one large C{Content-Length} body: a thread fills
-2 MiB buffers with blocking reads (no GIL held while it waits or copies)
-and hands each full buffer to the reactor, which feeds it to Twisted's body
-decoder exactly as if Twisted had read it. The decoder, the request, the
-sink (limits, backpressure, the ticket's operation, metrics) and the end of
-the body work as before; only the reads and their per-64 KiB cost move.
+A request body arrives in reads of about 64 KiB on a unix socket and in
+16 KiB TLS records decrypted one by one (C{recv(32 KiB)}) over TLS, and each
+piece went through Twisted's transport, the TLS layer, the HTTP parser and
+the upload sink in the reactor thread: 0.5 s of CPU per GiB in Python
+alone on a plain socket, the reference spending 0.05-0.15 s per GiB in
+all. A L{SocketReader} takes the connection over for the rest of one large
+C{Content-Length} body: a thread fills 2 MiB buffers with blocking reads
+(over TLS it also decrypts, C{SSL_read} straight into the buffer; no GIL
+held while it waits, copies or decrypts) and hands each full buffer to the
+reactor, which feeds it to Twisted's body decoder exactly as if Twisted had
+read it. The decoder, the request, the sink (limits, backpressure, the
+ticket's operation, metrics) and the end of the body work as before; only
+the reads, and their per-piece cost, move.
 
-TLS connections keep Twisted's reads: a thread decrypting the body was
-built and measured, and cost more CPU than it saved (see the performance
-issue's notes).
+The hand-off follows the rules of L{imageio.web.handoff}: it is decided
+inside C{handleContentChunk} (which may run inside the TLS layer's
+C{dataReceived}), Twisted stops reading there, and the thread takes the
+connection on the next reactor turn, from a clean stack, with what the
+decoder still expects. Bytes Twisted had not sent (a C{100 Continue}) go
+first. Over TLS a guard stands in for the Connection while the thread owns
+it, and at the hand-back whatever the thread read past the body (a
+pipelined request) is delivered through the TLS layer.
 
 Backpressure: the sink pauses and resumes its producer, the transport;
 while the thread owns the socket those calls pause the thread instead
@@ -31,7 +38,6 @@ fails if an upgrade changes it.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import threading
@@ -39,12 +45,13 @@ import time
 
 from twisted.internet import defer
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
 from twisted.web import http
 
 from imageio.logs import Logger
 from imageio.transfer import fireWaiters, whenResult
 from imageio.units import MiB
+from imageio.web import handoff
+from imageio.web.handoff import ffi, lib
 
 __all__ = ["SocketReader", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE"]
 
@@ -74,6 +81,11 @@ _WAKE = 0.2
 Seconds a blocked read waits before the thread looks at its stop flag.
 """
 
+_CIPHER_SIZE = 256 * 1024
+"""
+Most ciphertext bytes one C{recv} takes from a TLS socket.
+"""
+
 _active = 0
 _activeLock = threading.Lock()
 
@@ -90,55 +102,64 @@ class SocketReader:
     """
     The reader of the rest of one request body, in a thread.
 
-    @ivar active: the thread owns the socket.
+    @ivar active: the thread owns (or is about to own) the connection.
     @cvar bodies: bodies taken over so far in this process (for tests).
     """
 
     _log = Logger()
     bodies = 0
 
-    def __init__(self, reactor, channel, transport, decoder, remaining,
-                 timeout):
+    def __init__(self, reactor, channel, tls, raw, conn, decoder, timeout):
         self._reactor = reactor
         self._channel = channel
-        self._transport = transport
+        self._tls = tls
+        self._raw = raw
+        self._conn = conn
         self._decoder = decoder
-        self._remaining = remaining
         self._timeout = timeout
+        self._remaining = 0
         self._cond = threading.Condition()
         self._paused = False
         self._credits = _CREDITS
         self._stopping = False
         self._abortAfter = False
+        self._started = False
+        self._sock = None
+        self._pendingOutput = b""
+        self._later: list[bytes] = []
+        self._savedWrite = None
         self._result = None
         self._waiters: list[defer.Deferred] = []
-        transport.stopReading()
-        self._sock = socket.socket(fileno=os.dup(transport.fileno()))
         self.active = True
-        SocketReader.bodies += 1
+        # Rule 1: no reads from here on, the thread takes over on a clean
+        # stack (this runs inside handleContentChunk).
+        raw.stopReading()
         self._guard()
-        self._thread = threading.Thread(target=self._run,
-                                        name="imageio-reader", daemon=True)
-        self._thread.start()
+        self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
     def takeOver(cls, request, reactor=None):
         """
-        Take over the socket of C{request} for the rest of its body, from
-        inside C{handleContentChunk} (Twisted has delivered everything it
-        read; the decoder counts what is left).
+        Decide to take the connection of C{request} over for the rest of
+        its body, from inside C{handleContentChunk} (Twisted has delivered
+        what it read; the decoder counts what is left).
 
         @return: a L{SocketReader}, or C{None} when the body stays on
-            Twisted's path: TLS, chunked, less than L{MIN_SIZE} left, not
-            a socket, or too many readers.
+            Twisted's path: chunked, less than L{MIN_SIZE} left, not a
+            socket, a TLS connection that cannot be taken, or too many
+            readers.
         """
         global _active
         channel = request.channel
         if channel is None:
             return None
-        transport = channel.transport
+        tls = transport = channel.transport
+        conn = None
         if isinstance(transport, TLSMemoryBIOProtocol):
-            return None
+            conn = handoff.tlsConnection(transport)
+            if conn is None:
+                return None
+            transport = transport.transport
         # Twisted 26.10: HTTPChannel._transferDecoder decodes the body of
         # the request being received; an _IdentityTransferDecoder (a
         # Content-Length body) keeps the bytes still expected in
@@ -149,10 +170,8 @@ class SocketReader:
             return None
         remaining = decoder.contentLength
         if (remaining is None or remaining < MIN_SIZE
-                or not hasattr(transport, "fileno")
                 or not hasattr(transport, "stopReading")
-                or getattr(transport, "disconnecting", True)
-                or not getattr(transport, "connected", False)):
+                or not handoff.usable(transport)):
             return None
         with _activeLock:
             if _active >= MAX_READERS:
@@ -161,7 +180,7 @@ class SocketReader:
         if reactor is None:
             from twisted.internet import reactor
         try:
-            return cls(reactor, channel, transport, decoder, remaining,
+            return cls(reactor, channel, tls, transport, conn, decoder,
                        channel.timeOut)
         except BaseException:
             with _activeLock:
@@ -186,25 +205,69 @@ class SocketReader:
         return whenResult(self._result, self._waiters)
 
     def _stopThread(self) -> None:
-        # The thread sees it within _WAKE seconds (its receive timeout).
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        if not self._started:
+            # Not handed off yet: nothing to wait for.
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            if self._result is None:
+                self._handBack()
+            return
+        # The thread sees it within _WAKE seconds (its receive timeout);
+        # a shutdown wakes it at once, but only an abort may do that.
+        if self._abortAfter:
+            self._sock.shutdown()
+
+    def _handOff(self) -> None:
+        """
+        Take the connection over and start the thread, on a clean stack.
+        """
+        self._scheduled = None
+        decoder = self._decoder
+        channel = self._channel
+        if (self._result is not None
+                or getattr(channel, "_transferDecoder", None) is not decoder
+                or not decoder.contentLength
+                or not handoff.usable(self._raw)
+                or (self._conn is not None and
+                    handoff.tlsConnection(self._tls) is not self._conn)):
+            # The body ended (or the connection is going) meanwhile.
+            if self._result is None:
+                self._handBack()
+            return
+        self._remaining = decoder.contentLength
+        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
+                                                 self._conn)
+        self._sock = handoff.ThreadSocket(self._raw.fileno())
+        self._started = True
+        SocketReader.bodies += 1
+        self._log.debug("Body from {peer} handed to a reader thread",
+                        peer=str(self._raw.getPeer()))
+        self._thread = threading.Thread(target=self._run,
+                                        name="imageio-reader", daemon=True)
+        self._thread.start()
 
     # The thread.
 
     def _run(self) -> None:
         error = None
-        sock = self._sock
+        sock = self._sock.sock
         try:
-            # Blocking reads that wait for a whole buffer (MSG_WAITALL):
-            # one system call and one GIL hand-off per buffer instead of
-            # one per ~48 KiB the socket has queued. The descriptor shares
-            # its flags and options with Twisted's: both are put back
-            # before the socket is handed back.
+            # Blocking reads that wait for a whole buffer (MSG_WAITALL on
+            # a plain socket): one system call and one GIL hand-off per
+            # buffer instead of one per ~48 KiB the socket has queued. The
+            # descriptor shares its flags and options with Twisted's: both
+            # are put back before the socket is handed back.
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                             _timeval(_WAKE))
+            if self._pendingOutput:
+                sock.sendall(self._pendingOutput)
+                self._pendingOutput = b""
+            fill = self._fill if self._conn is None else self._fillTLS
             remaining = self._remaining
             while remaining:
                 with self._cond:
@@ -215,7 +278,7 @@ class SocketReader:
                         raise _Stopped()
                     self._credits -= 1
                 buf = bytearray(min(BUFFER_SIZE, remaining))
-                self._fill(memoryview(buf))
+                fill(buf)
                 remaining -= len(buf)
                 if not remaining:
                     # Twisted may read again as soon as the last buffer
@@ -231,7 +294,7 @@ class SocketReader:
             error = e
         finally:
             self._restore(sock)
-            sock.close()
+            self._sock.close()
         if error is not None or self._stopping:
             self._reactor.callFromThread(self._threadStopped, error)
 
@@ -244,27 +307,76 @@ class SocketReader:
         except OSError:
             pass
 
-    def _fill(self, view: memoryview) -> None:
+    def _idle(self, lastData: float) -> None:
+        if self._stopping:
+            raise _Stopped()
+        if self._timeout and time.monotonic() - lastData > self._timeout:
+            raise OSError(f"No data from the client for "
+                          f"{self._timeout} seconds")
+
+    def _fill(self, buf: bytearray) -> None:
+        view = memoryview(buf)
         filled = 0
         lastData = time.monotonic()
         while filled < len(view):
-            if self._stopping:
-                raise _Stopped()
+            self._idle(lastData)
             try:
-                n = self._sock.recv_into(view[filled:], len(view) - filled,
-                                         socket.MSG_WAITALL)
+                n = self._sock.sock.recv_into(view[filled:],
+                                              len(view) - filled,
+                                              socket.MSG_WAITALL)
             except (BlockingIOError, TimeoutError):
-                n = None
+                continue
             if n == 0:
                 raise OSError("The client closed the connection in the "
                               "middle of the body")
-            now = time.monotonic()
-            if n:
+            filled += n
+            lastData = time.monotonic()
+
+    def _fillTLS(self, buf: bytearray) -> None:
+        # SSL_read decrypts straight into the buffer; when OpenSSL wants
+        # more ciphertext, a blocking recv feeds its read BIO. Ciphertext
+        # read past the body stays in OpenSSL for the TLS layer
+        # (handoff.flushReceived at the hand-back).
+        conn = self._conn
+        ssl = conn._ssl
+        target = ffi.from_buffer(buf, require_writable=True)
+        if self._cipher is None:
+            self._cipher = bytearray(_CIPHER_SIZE)
+            self._cipherPtr = ffi.from_buffer(self._cipher)
+        size = len(buf)
+        filled = 0
+        lastData = time.monotonic()
+        while filled < size:
+            n = lib.SSL_read(ssl, target + filled, size - filled)
+            if n > 0:
                 filled += n
-                lastData = now
-            elif self._timeout and now - lastData > self._timeout:
-                raise OSError(f"No data from the client for "
-                              f"{self._timeout} seconds")
+                continue
+            error = lib.SSL_get_error(ssl, n)
+            if error == lib.SSL_ERROR_ZERO_RETURN:
+                raise OSError("The client closed the connection in the "
+                              "middle of the body")
+            if error != lib.SSL_ERROR_WANT_READ:
+                # pyOpenSSL 26.4: raises the matching SSL.Error.
+                # Guarded by test_bodywriter.test_privateOpenSSL.
+                conn._raise_ssl_error(ssl, n)
+                raise OSError(f"TLS error {error}")
+            while True:
+                self._idle(lastData)
+                try:
+                    got = self._sock.sock.recv_into(self._cipher)
+                except (BlockingIOError, TimeoutError):
+                    continue
+                break
+            if got == 0:
+                raise OSError("The client closed the connection in the "
+                              "middle of the body")
+            lastData = time.monotonic()
+            # pyOpenSSL 26.4: Connection._into_ssl is the read BIO.
+            if lib.BIO_write(conn._into_ssl, self._cipherPtr, got) != got:
+                raise OSError("TLS read buffer refused the data")
+
+    _cipher = None
+    _cipherPtr = None
 
     # Back in the reactor.
 
@@ -295,9 +407,9 @@ class SocketReader:
         self._handBack()
         if error is not None:
             self._log.info("Upload from {peer} stopped: {error}",
-                           peer=str(self._transport.getPeer()), error=error)
+                           peer=str(self._raw.getPeer()), error=error)
             if not self._abortAfter:
-                self._transport.abortConnection()
+                self._tls.abortConnection()
 
     def _handBack(self) -> None:
         global _active
@@ -307,9 +419,15 @@ class SocketReader:
         self._unguard()
         if self._abortAfter:
             # Somebody closed the connection while the thread owned it.
-            self._transport.abortConnection()
-        elif not self._paused:
-            self._transport.startReading()
+            self._tls.abortConnection()
+        else:
+            if not self._paused:
+                self._raw.startReading()
+            if self._conn is not None and self._started:
+                # Bytes the thread read past the body (a pipelined
+                # request) wait in OpenSSL: deliver them on a clean stack.
+                self._reactor.callLater(0, handoff.flushReceived,
+                                        self._tls, self._conn)
         self._result = True
         fireWaiters(self._waiters, True)
 
@@ -318,17 +436,39 @@ class SocketReader:
     def _guard(self) -> None:
         # Twisted must not read the socket while the thread does: every
         # way of starting or stopping its reads pauses or resumes the
-        # thread instead.
-        t = self._transport
+        # thread instead (a TLS transport passes them on to the socket's,
+        # Twisted 26.10 ProtocolWrapper.__getattr__). Output waits until
+        # the socket is handed back.
+        t = self._raw
         t.pauseProducing = t.stopReading = self._pause
         t.resumeProducing = t.startReading = self._resume
-        t.abortConnection = self._abortFromOutside
-        t.loseConnection = self._loseFromOutside
+        for target in {id(self._tls): self._tls, id(t): t}.values():
+            target.abortConnection = self._abortFromOutside
+            target.loseConnection = self._loseFromOutside
+        self._savedWrite = self._tls.__dict__.get("write")
+        self._tls.write = self._laterWrite
+        self._tls.writeSequence = self._laterWriteSequence
 
     def _unguard(self) -> None:
-        for name in ("pauseProducing", "resumeProducing", "stopReading",
-                     "startReading", "abortConnection", "loseConnection"):
-            self._transport.__dict__.pop(name, None)
+        if self._started:
+            handoff.restoreConnection(self._tls, self._conn)
+        for target in (self._tls, self._raw):
+            for name in ("pauseProducing", "resumeProducing", "stopReading",
+                         "startReading", "abortConnection", "loseConnection",
+                         "write", "writeSequence"):
+                target.__dict__.pop(name, None)
+        if self._savedWrite is not None:
+            # BufferingTLSTransport's own instance attribute (Twisted 26.10).
+            self._tls.write = self._savedWrite
+        later, self._later = self._later, []
+        for data in later:
+            self._tls.write(data)
+
+    def _laterWrite(self, data) -> None:
+        self._later.append(bytes(data))
+
+    def _laterWriteSequence(self, seq) -> None:
+        self._laterWrite(b"".join(seq))
 
     def _pause(self) -> None:
         with self._cond:

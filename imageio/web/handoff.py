@@ -217,7 +217,8 @@ def takeOutput(tls, raw, conn) -> bytes:
         # BufferingTLSTransport's small-write aggregator (Twisted 26.10)
         # may hold the headers or a 100 Continue.
         tls._aggregator.flush()
-    raw.stopReading()
+    # The class's method: the reader thread shadows the instance's.
+    type(raw).stopReading(raw)
     out = pending(raw)
     clearPending(raw)
     if conn is not None:
