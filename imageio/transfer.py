@@ -38,7 +38,8 @@ from imageio.errors import PartialContent
 from imageio.units import MiB
 
 __all__ = [
-    "DownloadProducer", "UploadSink", "LimitExceeded", "ProducerStopped",
+    "DownloadProducer", "UploadSink", "Written", "LimitExceeded",
+    "ProducerStopped",
     "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE",
     "HIGH_WATER", "LOW_WATER",
 ]
@@ -353,6 +354,34 @@ def fireWaiters(waiters: list, result) -> None:
             d.callback(result)
 
 
+class Written:
+    """
+    Bytes of an upload that a body thread wrote to the backend itself
+    (L{UploadSink.directTarget}); it stands for them in the stream, for the
+    HTTP body decoder (which takes its length and the slices C{[:n]} and
+    C{[n:]} at the end of a body) and the sink, which counts them.
+
+    @ivar seconds: how long the write took.
+    """
+
+    __slots__ = ("length", "seconds")
+
+    def __init__(self, length: int, seconds: float):
+        self.length = length
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        start, stop, step = index.indices(self.length)
+        if start >= stop:
+            return b""
+        if start == 0 and stop == self.length and step == 1:
+            return self
+        raise ValueError("Written bytes cannot be split")
+
+
 class UploadSink:
     """
     Write a stream of bytes to a backend, starting at C{offset}.
@@ -427,6 +456,7 @@ class UploadSink:
         self._waiters: list[defer.Deferred] = []
         self._pump = _Reentry()
         self.maxPending = 0
+        self._attachWaiters: list[defer.Deferred] = []
         if isinstance(backend, defer.Deferred):
             backend.addCallbacks(self._attach, self._openFailed)
         else:
@@ -449,6 +479,9 @@ class UploadSink:
             self._fail(Failure(LimitExceeded(self._limit)))
             return
         self.received += n
+        if type(data) is Written:
+            self._wroteDirect(data)
+            return
         self._chunks.append(data)
         self._buffered += n
         pending = self._buffered + self._inFlight
@@ -457,6 +490,61 @@ class UploadSink:
         if pending >= self._highWater and self._producer is not None:
             self._producer.pauseProducing()
         self._pump.run(self._step)
+
+    def whenAttached(self) -> defer.Deferred:
+        """
+        @return: L{Deferred} firing with C{None} once the backend is open
+            (or failed to open), at once if it is already.
+        """
+        if self.backend is not None or self._failure is not None \
+                or self._result is not None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._attachWaiters.append(d)
+        return d
+
+    def _attached(self) -> None:
+        waiters, self._attachWaiters = self._attachWaiters, []
+        fireWaiters(waiters, None)
+
+    def directTarget(self):
+        """
+        Let a body thread write the rest of the stream to the backend
+        itself (the file backend's L{threadTarget}), reporting each piece
+        with L{write}C{(}L{Written}C{)}.
+
+        @return: C{(target, offset)}, the backend's thread target and where
+            the thread's first byte goes, or C{None} (the backend cannot,
+            or the upload failed).
+        """
+        if (self._failure is not None or self._result is not None
+                or self._ended or self.backend is None):
+            return None
+        threadTarget = getattr(self.backend, "threadTarget", None)
+        target = threadTarget() if threadTarget is not None else None
+        if target is None:
+            return None
+        return target, self._offset + self._buffered
+
+    def _wroteDirect(self, written: Written) -> None:
+        # Bytes buffered before these go out now, whatever their size, so
+        # that the offsets stay in stream order.
+        if self._buffered:
+            self._issue(self._buffered)
+            if self._failure is not None:
+                return
+        n = written.length
+        self._offset += n
+        self.written += n
+        if self._meter is not None:
+            self._meter.write(n, written.seconds)
+        if self._operation is not None:
+            try:
+                self._operation.check()
+            except Exception:
+                self._fail(Failure())
+                return
+            self._operation.progress(n)
 
     def finish(self) -> None:
         """
@@ -498,8 +586,10 @@ class UploadSink:
 
     def _attach(self, backend) -> None:
         if self._result is not None:
+            self._attached()
             return
         self.backend = backend
+        self._attached()
         if self._metrics is not None:
             self._meter = self._metrics.meter(backend)
         maxRequest = getattr(backend, "maxRequest", None)
@@ -522,6 +612,7 @@ class UploadSink:
 
     def _openFailed(self, failure: Failure) -> None:
         self._fail(failure)
+        self._attached()
 
     def _step(self) -> None:
         if self._failure is not None:
@@ -538,31 +629,34 @@ class UploadSink:
                 except Exception:
                     self._fail(Failure())
                     return
-            n = min(self._writeSize, self._buffered)
-            offset = self._offset
-            self._offset += n
-            self._inFlight += n
-            self._writes += 1
-            started = time.monotonic()
-            try:
-                writev = getattr(self.backend, "writev", None)
-                if writev is not None:
-                    # The pieces as they arrived: joining them cost a copy
-                    # into a fresh allocation (page faults included) in the
-                    # reactor thread, and the backend copies them anyway.
-                    d = writev(offset, self._takeParts(n))
-                else:
-                    d = self.backend.write(offset, self._take(n))
-            except Exception:
-                d = defer.fail()
-            d.addCallbacks(self._written, self._writeFailed,
-                           callbackArgs=(n, started), errbackArgs=(n,))
+            self._issue(min(self._writeSize, self._buffered))
             if self._failure is not None:
                 return
         if (self._ended and not self._buffered and not self._writes
                 and self._result is None):
             self._result = self.written
             self._notify()
+
+    def _issue(self, n: int) -> None:
+        # Write the next n buffered bytes.
+        offset = self._offset
+        self._offset += n
+        self._inFlight += n
+        self._writes += 1
+        started = time.monotonic()
+        try:
+            writev = getattr(self.backend, "writev", None)
+            if writev is not None:
+                # The pieces as they arrived: joining them cost a copy
+                # into a fresh allocation (page faults included) in the
+                # reactor thread, and the backend copies them anyway.
+                d = writev(offset, self._takeParts(n))
+            else:
+                d = self.backend.write(offset, self._take(n))
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._written, self._writeFailed,
+                       callbackArgs=(n, started), errbackArgs=(n,))
 
     def _take(self, n: int) -> bytes:
         parts = self._takeParts(n)

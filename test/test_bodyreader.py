@@ -11,12 +11,14 @@ import http.client
 import os
 import socket
 import ssl
+import subprocess
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.web import http as twhttp
 
+from imageio import transfer
 from imageio.units import MiB
 from imageio.web import bodyreader, handoff
 from imageio.web.bodyreader import SocketReader
@@ -24,7 +26,7 @@ from imageio.web.bodyreader import SocketReader
 from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
 from test.support import UnixHTTPConnection
 from test.test_bodywriter import (  # noqa: F401
-    sparseFileTicket, tlsConnection, tlsServer)
+    get, sparseFileTicket, tlsConnection, tlsServer)
 
 
 @pytest.fixture
@@ -337,3 +339,135 @@ async def test_tls_cancel_answers_early(tlsServer):
     status, _, _ = await threads.deferToThread(readResponse, sock, b"")
     assert status == 403
     sock.close()
+
+
+# ---------------------------------------------------------------------------
+# File uploads written by the reader thread itself.
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_direct_write_unaligned_range(tlsServer, tmp_path, transport):
+    # An unaligned start and end: the head and tail go through the sink
+    # (read-modify-write), the blocks between are written by the thread.
+    size = 24 * MiB
+    ticket, target = sparseFileTicket(tlsServer, tmp_path, "u1", size,
+                                      ops=["write"])
+    start, length = 12345, 9 * MiB + 777
+    data = os.urandom(length)
+    before = SocketReader.bodies
+    written = []
+    real = transfer.UploadSink._wroteDirect
+
+    def recording(self, w):
+        written.append(len(w))
+        return real(self, w)
+
+    transfer.UploadSink._wroteDirect = recording
+    try:
+        con = (tlsConnection(tlsServer) if transport == "tls"
+               else UnixHTTPConnection(tlsServer.unixPath))
+        status, _ = await threads.deferToThread(
+            upload, con, "/images/u1", data,
+            {"Content-Range": f"bytes {start}-{start + length - 1}/*"})
+        con.close()
+    finally:
+        transfer.UploadSink._wroteDirect = real
+    assert status == 200
+    assert SocketReader.bodies == before + 1
+    # Nearly all of it went by the thread's own writes.
+    assert sum(written) > length - 2 * MiB
+    got = target.read_bytes()
+    assert got[start:start + length] == data
+    assert got[:start] == bytes(start)
+    assert got[start + length:size] == bytes(size - start - length)
+    assert ticket.transferred() == length
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_write_cancel(server, tmp_path):
+    # A cancel while the thread writes and the client keeps sending: the
+    # thread stops within a buffer, the client gets 403, nothing is
+    # written past what was sent.
+    size = 1024 * MiB
+    ticket, target = sparseFileTicket(server, tmp_path, "c1", size,
+                                      ops=["write"])
+    before = SocketReader.bodies
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(server.unixPath)
+    sock.sendall(b"PUT /images/c1 HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n" % size)
+    sent = 0
+
+    def send():
+        nonlocal sent
+        try:
+            while sent < size:
+                sock.sendall(b"c" * MiB)
+                sent += MiB
+        except OSError:
+            pass
+
+    sending = threads.deferToThread(send)
+    await _waitFor(lambda: SocketReader.bodies == before + 1)
+    await _waitFor(lambda: sent >= 64 * MiB, timeout=30)
+    await server.store.remove("c1", 5)
+    sock.settimeout(10)
+    head = await threads.deferToThread(sock.recv, 65536)
+    assert head.startswith(b"HTTP/1.1 403 ")
+    sock.close()
+    await sending
+    assert sent < size
+    data = target.read_bytes()
+    # (the sendall cut by the close sent part of its MiB)
+    assert len(data.rstrip(b"\0")) <= sent + MiB
+    assert data.rstrip(b"\0") == b"c" * len(data.rstrip(b"\0"))
+
+
+@pytest.fixture
+def smallFS(tmp_path):
+    # A real filesystem that fills up (root: CI and `make test` run as
+    # root).
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_direct_write_no_space(tlsServer, smallFS, transport):
+    # ENOSPC in the thread's own write: 500 with the usual text, the
+    # connection closed, the daemon goes on.
+    path = smallFS / "full.raw"
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)
+    tlsServer.addTicket("n1", size=64 * MiB, url=f"file://{path}")
+    before = SocketReader.bodies
+
+    def run():
+        con = (tlsConnection(tlsServer) if transport == "tls"
+               else UnixHTTPConnection(tlsServer.unixPath))
+        try:
+            return upload(con, "/images/n1", b"n" * (16 * MiB))
+        except (ConnectionError, BrokenPipeError) as e:
+            # The server answered and closed while the body was sent.
+            return ("closed", repr(e))
+        finally:
+            con.close()
+
+    status, body = await threads.deferToThread(run)
+    assert SocketReader.bodies == before + 1
+    if status != "closed":
+        assert status == 500
+        assert b"Traceback" not in body
+    # The daemon still serves the ticket (reads work).
+    con = UnixHTTPConnection(tlsServer.unixPath)
+    got = await threads.deferToThread(
+        get, con, "/images/n1", {"Range": "bytes=0-3"})
+    con.close()
+    assert got[0] == 206

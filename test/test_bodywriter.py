@@ -161,12 +161,15 @@ def test_privateOpenSSL():
 # Downloads
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 @pytest_twisted.ensureDeferred
-async def test_unix_sendfile_keep_alive(tlsServer, tmp_path):
+async def test_file_keep_alive(tlsServer, tmp_path, transport):
+    # File regions: read and written on unix sockets, sendfile on TCP.
     data = fileTicket(tlsServer, tmp_path)
     bodies, regions = SocketWriter.bodies, SocketWriter.regions
-    results = await threads.deferToThread(
-        sequence, UnixHTTPConnection(tlsServer.unixPath), "f1", data)
+    con = (UnixHTTPConnection(tlsServer.unixPath) if transport == "unix"
+           else tcpConnection(tlsServer))
+    results = await threads.deferToThread(sequence, con, "f1", data)
     assert results == [True] * 4
     assert SocketWriter.bodies == bodies + 2
     assert SocketWriter.regions > regions
@@ -502,7 +505,7 @@ def countingDownload(con, path):
     return r.status, n, h.hexdigest()
 
 
-@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest.mark.parametrize("transport", ["tls", "unix", "tcp"])
 @pytest_twisted.ensureDeferred
 async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
                                              transport):
@@ -520,8 +523,8 @@ async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
     dropCache(path)
     assert cachedBytes(path) < 8 * MiB
     tlsServer.addTicket("big", size=size, url=f"file://{path}")
-    con = (tlsConnection(tlsServer) if transport == "tls"
-           else UnixHTTPConnection(tlsServer.unixPath))
+    con = {"tls": tlsConnection, "tcp": tcpConnection}.get(
+        transport, lambda s: UnixHTTPConnection(s.unixPath))(tlsServer)
     regions = SocketWriter.regions
     result = await threads.deferToThread(countingDownload, con,
                                          "/images/big")

@@ -47,6 +47,8 @@ from twisted.internet import defer
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web import http
 
+from imageio import transfer
+from imageio.errors import BackendError
 from imageio.logs import Logger
 from imageio.transfer import fireWaiters, whenResult
 from imageio.units import MiB
@@ -109,9 +111,12 @@ class SocketReader:
     _log = Logger()
     bodies = 0
 
-    def __init__(self, reactor, channel, tls, raw, conn, decoder, timeout):
+    def __init__(self, reactor, request, tls, raw, conn, decoder, timeout):
         self._reactor = reactor
-        self._channel = channel
+        self._request = request
+        self._channel = request.channel
+        self._target = None
+        self._offset = 0
         self._tls = tls
         self._raw = raw
         self._conn = conn
@@ -180,7 +185,7 @@ class SocketReader:
         if reactor is None:
             from twisted.internet import reactor
         try:
-            return cls(reactor, channel, tls, transport, conn, decoder,
+            return cls(reactor, request, tls, transport, conn, decoder,
                        channel.timeOut)
         except BaseException:
             with _activeLock:
@@ -238,7 +243,25 @@ class SocketReader:
             if self._result is None:
                 self._handBack()
             return
+        sink = self._request.streamSink
+        whenReady = getattr(sink, "whenReady", None)
+        if whenReady is not None and not self._sinkReady:
+            # The backend may still be opening: it decides whether the
+            # thread writes the body itself. Twisted does not read
+            # meanwhile.
+            self._sinkReady = True
+            d = whenReady()
+            if not d.called:
+                d.addBoth(lambda _: self._reactor.callLater(
+                    0, self._handOffLater))
+                return
         self._remaining = decoder.contentLength
+        # A file upload is written by the thread itself (the sink counts
+        # it); anything else is handed to the reactor buffer by buffer.
+        directTarget = getattr(sink, "directTarget", None)
+        direct = directTarget() if directTarget is not None else None
+        if direct is not None:
+            self._target, self._offset = direct
         self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
                                                  self._conn)
         self._sock = handoff.ThreadSocket(self._raw.fileno())
@@ -249,6 +272,12 @@ class SocketReader:
         self._thread = threading.Thread(target=self._run,
                                         name="imageio-reader", daemon=True)
         self._thread.start()
+
+    _sinkReady = False
+
+    def _handOffLater(self) -> None:
+        if self._result is None and not self._stopping:
+            self._handOff()
 
     # The thread.
 
@@ -269,34 +298,86 @@ class SocketReader:
                 self._pendingOutput = b""
             fill = self._fill if self._conn is None else self._fillTLS
             remaining = self._remaining
-            while remaining:
-                with self._cond:
-                    while (self._paused or not self._credits) and \
-                            not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        raise _Stopped()
-                    self._credits -= 1
-                buf = bytearray(min(BUFFER_SIZE, remaining))
-                fill(buf)
-                remaining -= len(buf)
-                if not remaining:
-                    # Twisted may read again as soon as the last buffer
-                    # is delivered.
-                    self._restore(sock)
-                self._reactor.callFromThread(self._deliver, buf,
-                                             remaining == 0)
+            for size, direct in self._pieces():
+                while size:
+                    with self._cond:
+                        while (self._paused or not self._credits) and \
+                                not self._stopping:
+                            self._cond.wait()
+                        if self._stopping:
+                            raise _Stopped()
+                        self._credits -= 1
+                    n = min(BUFFER_SIZE, size)
+                    if direct:
+                        item = self._writeDirect(fill, n)
+                    else:
+                        item = bytearray(n)
+                        fill(item)
+                        self._offset += n
+                    size -= n
+                    remaining -= n
+                    if not remaining:
+                        # Twisted may read again as soon as the last
+                        # buffer is delivered.
+                        self._restore(sock)
+                    self._reactor.callFromThread(self._deliver, item,
+                                                 remaining == 0)
         except _Stopped:
             pass
-        except OSError as e:
-            error = e
         except Exception as e:
-            error = e
+            # Without the frames, whose views of the buffer would keep it
+            # from closing.
+            error = e.with_traceback(None)
         finally:
             self._restore(sock)
             self._sock.close()
+            if self._target is not None:
+                self._target.close()
+            if self._directBuffer is not None:
+                try:
+                    self._directBuffer.close()
+                except BufferError:
+                    # Still viewed somewhere: unmapped when collected.
+                    pass
         if error is not None or self._stopping:
             self._reactor.callFromThread(self._threadStopped, error)
+
+    def _pieces(self):
+        """
+        The rest of the body as C{(size, direct)} pieces: bytes for the
+        reactor, or whole blocks the thread writes itself (a file upload:
+        an unaligned head and tail go to the reactor, the sink writes them
+        with its read-modify-write).
+        """
+        remaining = self._remaining
+        if self._target is None:
+            return [(remaining, False)]
+        bs = self._target.blockSize
+        head = min(remaining, -self._offset % bs)
+        blocks = (remaining - head) // bs * bs
+        return [(head, False), (blocks, True),
+                (remaining - head - blocks, False)]
+
+    _directBuffer = None
+
+    def _writeDirect(self, fill, n: int):
+        """
+        Receive C{n} bytes into the aligned buffer and write them at the
+        next offset (in the thread).
+
+        @return: the L{transfer.Written} that tells the sink.
+        """
+        if self._directBuffer is None:
+            self._directBuffer = self._target.buffer(BUFFER_SIZE)
+        view = memoryview(self._directBuffer)[:n]
+        try:
+            fill(view)
+            started = time.monotonic()
+            self._target.write(view, self._offset)
+        finally:
+            view.release()
+        self._offset += n
+        return transfer.Written(n, time.monotonic() - started)
 
     @staticmethod
     def _restore(sock) -> None:
@@ -314,7 +395,7 @@ class SocketReader:
             raise OSError(f"No data from the client for "
                           f"{self._timeout} seconds")
 
-    def _fill(self, buf: bytearray) -> None:
+    def _fill(self, buf) -> None:
         view = memoryview(buf)
         filled = 0
         lastData = time.monotonic()
@@ -332,7 +413,7 @@ class SocketReader:
             filled += n
             lastData = time.monotonic()
 
-    def _fillTLS(self, buf: bytearray) -> None:
+    def _fillTLS(self, buf) -> None:
         # SSL_read decrypts straight into the buffer; when OpenSSL wants
         # more ciphertext, a blocking recv feeds its read BIO. Ciphertext
         # read past the body stays in OpenSSL for the TLS layer
@@ -380,7 +461,7 @@ class SocketReader:
 
     # Back in the reactor.
 
-    def _deliver(self, buf: bytearray, last: bool) -> None:
+    def _deliver(self, buf, last: bool) -> None:
         if self._result is not None:
             return
         if self._stopping:
@@ -405,6 +486,12 @@ class SocketReader:
         if self._result is not None:
             return
         self._handBack()
+        if isinstance(error, BackendError):
+            # Writing the file failed: answered as the sink's failures are.
+            self._log.info("Upload from {peer} stopped: {error}",
+                           peer=str(self._raw.getPeer()), error=error)
+            self._request.bodyFailed(error)
+            return
         if error is not None:
             self._log.info("Upload from {peer} stopped: {error}",
                            peer=str(self._raw.getPeer()), error=error)

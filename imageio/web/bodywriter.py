@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import threading
 from collections import deque
 
@@ -287,6 +288,8 @@ class SocketWriter:
         self._pendingOutput = handoff.takeOutput(self._tls, raw, self._conn)
         self._sock = handoff.ThreadSocket(raw.fileno())
         self._fd = self._sock.fd
+        self._useSendfile = (self._conn is None and
+                             self._sock.sock.family != socket.AF_UNIX)
         channel = request.channel
         # Twisted 26.10: the idle timeout of a connection that handles a
         # request waits in _savedTimeOut (see ImageioChannel).
@@ -447,7 +450,6 @@ class SocketWriter:
                         raise WriterStopped("The download was aborted")
                     item = self._queue.popleft()
                 if item is _END:
-                    self._dropBody()
                     break
                 if isinstance(item, FileRegion):
                     SocketWriter.regions += 1
@@ -536,11 +538,18 @@ class SocketWriter:
     def _sendRegion(self, region: FileRegion, out, poller) -> None:
         """
         Send a file region: holes as zeroes without reading them, data by
-        C{sendfile} (plain socket) or read and encrypted (TLS), the next
-        chunk read ahead by the kernel while this one is sent, and the
-        pages dropped from the page cache once sent (a host running VMs
-        must not lose its cache to a backup; the reference reads with
-        C{O_DIRECT} for the same reason).
+        C{sendfile} (TCP) or read into the thread's buffer and written
+        (unix sockets; encrypted first over TLS), the next chunk read ahead
+        by the kernel while this one is sent, and the pages dropped from
+        the page cache once sent (a host running VMs must not lose its
+        cache to a backup; the reference reads with C{O_DIRECT} for the
+        same reason).
+
+        No C{sendfile} to unix sockets: the pages it splices into one are
+        not charged to the socket's buffer (Linux 6.x), so the sender
+        runs ahead of a slow reader by hundreds of MiB of page cache that
+        nothing can drop until the reader takes them (seen: 144 MiB of a
+        1 GiB image left cached after the download).
         """
         fd = region.fd
         start = region.offset
@@ -561,37 +570,44 @@ class SocketWriter:
                 if ahead > 0:
                     os.posix_fadvise(fd, offset + n, ahead,
                                      os.POSIX_FADV_WILLNEED)
-                if self._conn is None:
+                if self._useSendfile:
                     self._sendfile(fd, offset, n, poller)
                 else:
-                    self._readAndSendTLS(fd, offset, n, out, poller)
-                # Dropped behind the cursor, the previous piece again
-                # (pages still queued on a socket are kept the first time).
-                back = max(start, offset - _READ_AHEAD)
+                    self._readAndSend(fd, offset, n, out, poller)
+                # Dropped behind the cursor, with the last _READ_AHEAD
+                # bytes again: pages still queued on a socket (sendfile)
+                # are kept the first time.
+                back = max(self._bodyStart, offset - _READ_AHEAD)
                 os.posix_fadvise(fd, back, offset + n - back,
                                  os.POSIX_FADV_DONTNEED)
                 offset += n
+        if end == self._bodyEnd:
+            # The last bytes are sent: once more over the whole body (the
+            # client may be done before the thread hears of the end).
+            self._dropBody()
 
     def _dropBody(self) -> None:
         # Pages that were still queued on the socket when their piece was
         # dropped get a second chance (all but the last few MiB).
-        if self._bodyStart is not None:
-            os.posix_fadvise(self._regionFds[0], self._bodyStart,
-                             self._bodyEnd - self._bodyStart,
-                             os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(self._regionFds[0], self._bodyStart,
+                         self._bodyEnd - self._bodyStart,
+                         os.POSIX_FADV_DONTNEED)
+
+    def _send(self, data, out, poller) -> None:
+        if self._conn is None:
+            self._sendAll(data, poller)
+        else:
+            self._sendTLS(data, out, poller)
 
     def _sendZeros(self, length: int, out, poller) -> None:
         zeros = self._zeroBuffer()
         while length:
             n = min(length, _SEND_SIZE)
-            if self._conn is None:
-                self._sendAll(zeros[:n], poller)
-            else:
-                self._sendTLS(zeros[:n], out, poller)
+            self._send(zeros[:n], out, poller)
             length -= n
 
-    def _readAndSendTLS(self, fd: int, offset: int, length: int, out,
-                        poller) -> None:
+    def _readAndSend(self, fd: int, offset: int, length: int, out,
+                     poller) -> None:
         if self._readBuffer is None:
             self._readBuffer = bytearray(_SEND_SIZE)
         view = memoryview(self._readBuffer)
@@ -601,7 +617,7 @@ class SocketWriter:
                           offset)
             if n == 0:
                 raise OSError(errno.EIO, "The file ended before the range")
-            self._sendTLS(view[:n], out, poller)
+            self._send(view[:n], out, poller)
             offset += n
 
     def _sendfile(self, fd: int, offset: int, length: int, poller) -> None:

@@ -230,6 +230,24 @@ class _Upload:
     def write(self, data) -> None:
         self.sink.write(data)
 
+    def whenReady(self):
+        """
+        @return: L{Deferred} firing once L{directTarget} can answer (the
+            backend is open).
+        """
+        whenAttached = getattr(self.sink, "whenAttached", None)
+        if whenAttached is None:
+            return defer.succeed(None)
+        return whenAttached()
+
+    def directTarget(self):
+        """
+        See L{transfer.UploadSink.directTarget}; C{None} for proxy
+        uploads.
+        """
+        directTarget = getattr(self.sink, "directTarget", None)
+        return directTarget() if directTarget is not None else None
+
     def finish(self) -> None:
         self.sink.finish()
 
