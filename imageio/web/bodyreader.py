@@ -73,6 +73,13 @@ Bytes per hand-over to the reactor (below malloc's 4 MiB mmap threshold,
 see L{imageio.tap._tuneMalloc}).
 """
 
+DIRECT_SIZE = 8 * MiB
+"""
+Bytes per write when the thread writes a file itself (the reference's
+buffer size; an C{O_DIRECT} write waits for the disk, so larger writes
+wait less often).
+"""
+
 _CREDITS = 2
 """
 Buffers read ahead of the reactor.
@@ -307,7 +314,7 @@ class SocketReader:
                         if self._stopping:
                             raise _Stopped()
                         self._credits -= 1
-                    n = min(BUFFER_SIZE, size)
+                    n = min(DIRECT_SIZE if direct else BUFFER_SIZE, size)
                     if direct:
                         item = self._writeDirect(fill, n)
                     else:
@@ -368,7 +375,7 @@ class SocketReader:
         @return: the L{transfer.Written} that tells the sink.
         """
         if self._directBuffer is None:
-            self._directBuffer = self._target.buffer(BUFFER_SIZE)
+            self._directBuffer = self._target.buffer(DIRECT_SIZE)
         view = memoryview(self._directBuffer)[:n]
         try:
             fill(view)

@@ -71,6 +71,19 @@ LOW_WATER = 4 * MiB
 Queued bytes at which a paused producer is resumed.
 """
 
+REGION_SIZE = 8 * MiB
+"""
+Bytes of one file region: the thread reads ahead, and drops from the page
+cache, a region at a time.
+"""
+
+REGION_HIGH_WATER = 3 * REGION_SIZE
+"""
+Queued bytes of file regions at which the producer is paused: regions are
+descriptions, not memory; a few keep the thread from waiting for the
+reactor between them.
+"""
+
 _SEND_SIZE = 1 * MiB
 """
 Most bytes of one C{os.write} call, and the size of the thread's buffers
@@ -127,7 +140,8 @@ class _Regions:
     """
 
     name = "file"
-    maxRequest = 8 * MiB
+    maxRequest = REGION_SIZE
+    chunkSize = REGION_SIZE
 
     def __init__(self, backend, fd: int):
         self._backend = backend
@@ -217,6 +231,7 @@ class SocketWriter:
         self._abortedByCaller = False
         self._ended = False
         self._regionFds: list[int] = []
+        self._highWater = HIGH_WATER
         self._readBuffer = None
         self._zeros = None
         self._readWanted = True
@@ -337,6 +352,7 @@ class SocketWriter:
         if fd is None:
             return backend
         self._regionFds.append(fd)
+        self._highWater = REGION_HIGH_WATER
         return _Regions(backend, fd)
 
     # IConsumer
@@ -365,7 +381,7 @@ class SocketWriter:
             self._queued += len(data)
             queued = self._queued
             self._cond.notify()
-        if (queued >= HIGH_WATER and not self._producerPaused
+        if (queued >= self._highWater and not self._producerPaused
                 and self._producer is not None):
             self._producerPaused = True
             self._producer.pauseProducing()
@@ -480,7 +496,9 @@ class SocketWriter:
     def _sent(self, n: int) -> None:
         with self._cond:
             self._queued -= n
-            resume = (self._producerPaused and self._queued <= LOW_WATER
+            resume = (self._producerPaused
+                      and self._queued <= self._highWater - HIGH_WATER
+                      + LOW_WATER
                       and not self._resumeScheduled)
             if resume:
                 self._resumeScheduled = True

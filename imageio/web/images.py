@@ -391,6 +391,8 @@ class _Image(_Handler):
                         source = writer.sourceFor(backend)
                         producer = transfer.DownloadProducer(
                             source, writer, offset, size, operation=op,
+                            chunkSize=getattr(source, "chunkSize",
+                                              transfer.CHUNK_SIZE),
                             metrics=stats if stats.enabled else None)
                         await producer.start()
                         await writer.close()
