@@ -656,7 +656,10 @@ class HTTPBackend:
                 body = await _readBody(response, _SMALL_BODY_LIMIT)
             except Exception:
                 body = b""
-            return _httpError(response.code, body)
+            error = _httpError(response.code, body)
+            # Which request got the answer, for the client's message.
+            error.method = method
+            return error
         response.deliverBody(_Drop())
         return BackendError(f"{method} {self._netloc}{self._path}: "
                             f"unexpected status {response.code}")
@@ -1099,10 +1102,13 @@ class _StreamTo(Protocol):
             self._fail(Failure(ProducerStopped(
                 "The consumer stopped the download")))
         else:
-            self._fail(Failure(BackendError(
+            error = BackendError(
                 f"GET {self._where}: the remote stopped after "
                 f"{self.received} of {self._length} bytes: "
-                f"{reason.getErrorMessage()}")))
+                f"{reason.getErrorMessage()}")
+            # Keep the reason for callers that explain it (the client).
+            error.__cause__ = reason.value
+            self._fail(Failure(error))
 
     def _abort(self, reason) -> None:
         self._fail(reason if isinstance(reason, Failure)

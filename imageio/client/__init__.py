@@ -31,13 +31,14 @@ from twisted.python.failure import Failure
 from imageio import blkhash
 from imageio.client import aio
 from imageio.client._progress import ProgressBar
-from imageio.client._qemu import QemuError
-from imageio.client._transfer import TransferError
+from imageio.client._errors import (
+    ClientError, ImageError, QemuError, ServerError, TransferError)
 from imageio.errors import BackendError, HTTPError
 
 __all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
            "measure", "checksum", "extents", "ImageioClient", "ProgressBar",
-           "TransferError", "QemuError", "HTTPError", "BackendError"]
+           "ClientError", "ServerError", "TransferError", "ImageError",
+           "QemuError", "HTTPError", "BackendError"]
 
 BUFFER_SIZE = aio.BUFFER_SIZE
 MAX_WORKERS = aio.MAX_WORKERS

@@ -32,6 +32,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from imageio.client._errors import (
+    ServerError, TransferError, _backend_text)
 from imageio.logs import Logger
 from imageio.backends import http as http_backend
 from imageio.errors import BackendError, HTTPError, InternalError
@@ -59,13 +61,6 @@ MAX_ZERO_SIZE = 1 * GiB
 """
 The largest range zeroed by one request.
 """
-
-
-class TransferError(Exception):
-    """
-    A transfer failed for a reason the client found (not an error answer
-    of the server, which is an L{HTTPError}).
-    """
 
 
 # HTTP side.
@@ -207,7 +202,8 @@ async def open_http(reactor, url: str, mode: str, *, cafile=None,
     except Exception as e:
         if not proxy_url or not _unreachable(e):
             if _unreachable(e) and not isinstance(e, TransferError):
-                raise TransferError(f"Cannot reach {url}: {e}") from None
+                raise TransferError(
+                    f"cannot reach {url}: {_backend_text(e)}") from e
             raise
         first = e
     _log.debug("Cannot reach {url} ({error}), trying {proxy}", url=url,
@@ -217,8 +213,8 @@ async def open_http(reactor, url: str, mode: str, *, cafile=None,
     except Exception as e:
         if _unreachable(e):
             raise TransferError(
-                f"Cannot reach {url}: {first}; cannot reach proxy "
-                f"{proxy_url}: {e}") from None
+                f"cannot reach {url}: {_backend_text(first)}; cannot reach "
+                f"proxy {proxy_url}: {_backend_text(e)}") from e
         raise
 
 
@@ -240,10 +236,11 @@ async def remote_checksum(reactor, url: str, *, cafile=None,
                                     params=query or None, timeout=60)
         body = await treq.content(response)
     except Exception as e:
-        raise TransferError(f"Cannot reach {url}: {e}") from None
+        raise TransferError(f"cannot reach {url}: {_backend_text(e)}") \
+            from e
     if response.code != 200:
         text = body[:512].decode("utf-8", "replace").strip()
-        raise HTTPError(text, code=response.code)
+        raise ServerError(response.code, text, method="GET")
     return json.loads(body)
 
 
@@ -377,21 +374,26 @@ async def _upload_piece(src, dst, start, length, buffer_size, operation):
         return failure
 
     done.addErrback(stop_pump)
+    # stop_pump resumes this coroutine from inside done's callbacks; a
+    # Deferred cannot be awaited while it runs its callbacks (Twisted
+    # asserts), so wait on a follower fired after them.
+    outcome = _settled(done)
     try:
         await pumped
     except defer.CancelledError:
         if not upload_failed:
             # We were cancelled: abort the request.
             stream.abort(Failure())
-            done.addErrback(lambda _: None)
+            outcome.addErrback(lambda _: None)
             raise
-        # The upload failed first; done has the reason.
+        # The upload failed first; outcome has the reason.
     except BaseException:
         stream.abort(Failure())
+        outcome.addErrback(lambda _: None)
         raise
     else:
         stream.finish()
-    await done
+    await outcome
 
 
 async def _download_piece(src, dst, start, length, buffer_size, operation):

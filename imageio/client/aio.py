@@ -16,16 +16,20 @@ stops the private C{qemu-nbd} and closes the connections.
 from __future__ import annotations
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from imageio import blkhash
 from imageio.backends import nbd as nbd_backend
 from imageio.client import _qemu, _transfer
-from imageio.client._transfer import TransferError
+from imageio.client._errors import (
+    ClientError, ImageError, QemuError, ServerError, TransferError,
+    translate)
 from imageio.units import MiB
 
 __all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
            "measure", "checksum", "extents", "ImageioClient",
-           "remote_checksum", "TransferError"]
+           "remote_checksum", "ClientError", "ServerError", "TransferError",
+           "ImageError", "QemuError"]
 
 BUFFER_SIZE = 4 * MiB
 """
@@ -36,6 +40,17 @@ MAX_WORKERS = 4
 """
 Default (and advised) number of concurrent connections per transfer.
 """
+
+
+def _guard(d: defer.Deferred, what: str, **kw) -> defer.Deferred:
+    """
+    Make C{d}'s failure the caller's exception (L{translate}): one line
+    naming C{what} failed and why.
+    """
+    def failed(f: Failure):
+        exc = translate(f.value, what, **kw)
+        return f if exc is f.value else Failure(exc)
+    return d.addErrback(failed)
 
 
 def _reactor(reactor):
@@ -151,15 +166,18 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
         skipped instead of zeroed.
     """
     reactor = _reactor(reactor)
-    return defer.ensureDeferred(_upload(
+    return _guard(defer.ensureDeferred(_upload(
         reactor, filename, url, cafile, buffer_size, secure, progress,
         proxy_url, max_workers, member, backing_chain, disk_is_zero,
-        http_client))
+        http_client)), f"upload of {filename!r} to {url}", local=filename)
 
 
 async def _download(reactor, url, filename, cafile, fmt, incremental,
                     buffer_size, secure, progress, proxy_url, max_workers,
                     backing_file, backing_format, http_client):
+    if fmt not in ("raw", "qcow2"):
+        raise ValueError(f"Unsupported image format {fmt!r}: expecting "
+                         f"'raw' or 'qcow2'")
     if incremental and fmt != "qcow2":
         raise ValueError(f"incremental={incremental} is incompatible with "
                          f"fmt={fmt}")
@@ -217,10 +235,11 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
     server's C{max_readers}.
     """
     reactor = _reactor(reactor)
-    return defer.ensureDeferred(_download(
+    return _guard(defer.ensureDeferred(_download(
         reactor, url, filename, cafile, fmt, incremental, buffer_size,
         secure, progress, proxy_url, max_workers, backing_file,
-        backing_format, http_client))
+        backing_format, http_client)), f"download of {url} to {filename!r}",
+        local=filename, writing_local=True)
 
 
 def info(filename, member=None, *, reactor=None) -> defer.Deferred[dict]:
@@ -228,8 +247,9 @@ def info(filename, member=None, *, reactor=None) -> defer.Deferred[dict]:
     C{qemu-img info} of the image (C{member-offset} and C{member-size}
     added for an OVA C{member}).
     """
-    return defer.ensureDeferred(
-        _qemu.info(_reactor(reactor), filename, member=member))
+    return _guard(defer.ensureDeferred(
+        _qemu.info(_reactor(reactor), filename, member=member)),
+        f"info of {filename!r}")
 
 
 def measure(filename, dst_fmt, member=None, *,
@@ -237,8 +257,9 @@ def measure(filename, dst_fmt, member=None, *,
     """
     C{qemu-img measure} of the image converted to C{dst_fmt}.
     """
-    return defer.ensureDeferred(
-        _qemu.measure(_reactor(reactor), filename, dst_fmt, member=member))
+    return _guard(defer.ensureDeferred(
+        _qemu.measure(_reactor(reactor), filename, dst_fmt, member=member)),
+        f"measure of {filename!r}")
 
 
 async def _with_local(reactor, filename, member, fn, bitmap=None):
@@ -298,8 +319,9 @@ def checksum(filename, member=None, block_size=blkhash.BLOCK_SIZE,
         return await _checksum(reactor, backend, block_size, algorithm,
                                detect_zeroes)
 
-    return defer.ensureDeferred(_with_local(reactor, filename, member,
-                                            compute))
+    return _guard(defer.ensureDeferred(_with_local(
+        reactor, filename, member, compute)), f"checksum of {filename!r}",
+        local=filename)
 
 
 def extents(filename, member=None, bitmap=None, *,
@@ -313,8 +335,9 @@ def extents(filename, member=None, bitmap=None, *,
     async def get(backend):
         return await backend.extents("dirty" if bitmap else "zero")
 
-    return defer.ensureDeferred(_with_local(reactor, filename, member, get,
-                                            bitmap=bitmap))
+    return _guard(defer.ensureDeferred(_with_local(
+        reactor, filename, member, get, bitmap=bitmap)),
+        f"extents of {filename!r}", local=filename)
 
 
 def remote_checksum(url, cafile=None, secure=True, algorithm=None,
@@ -323,9 +346,10 @@ def remote_checksum(url, cafile=None, secure=True, algorithm=None,
     """
     The server's checksum of the transfer C{url} (C{GET <url>/checksum}).
     """
-    return defer.ensureDeferred(_transfer.remote_checksum(
+    return _guard(defer.ensureDeferred(_transfer.remote_checksum(
         _reactor(reactor), url, cafile=cafile, secure=secure,
-        algorithm=algorithm, block_size=block_size, client=http_client))
+        algorithm=algorithm, block_size=block_size, client=http_client)),
+        f"checksum of {url}")
 
 
 class _Writer:
@@ -355,9 +379,13 @@ class ImageioClient:
     @ivar max_writers: the server's advised concurrent writers.
     """
 
-    def __init__(self, backend, buffer_size=BUFFER_SIZE):
+    def __init__(self, backend, buffer_size=BUFFER_SIZE, url=None):
         self._backend = backend
         self._buffer_size = min(buffer_size, _transfer.MAX_BUFFER_SIZE)
+        self._url = url or repr(backend)
+
+    def _guard(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        return _guard(d, f"{what} {self._url}")
 
     @classmethod
     def open(cls, transfer_url, cafile=None, secure=True, proxy_url=None,
@@ -372,7 +400,8 @@ class ImageioClient:
             reactor, transfer_url, "r+", cafile=cafile, secure=secure,
             proxy_url=proxy_url, max_connections=2,
             buffer_size=buffer_size, client=http_client))
-        return d.addCallback(cls, buffer_size)
+        d.addCallback(cls, buffer_size, transfer_url)
+        return _guard(d, f"opening {transfer_url}")
 
     @property
     def max_readers(self) -> int:
@@ -393,7 +422,8 @@ class ImageioClient:
         return self._backend.size()
 
     def extents(self, context="zero") -> defer.Deferred[list]:
-        return self._backend.extents(context)
+        return self._guard(self._backend.extents(context),
+                           f"{context} extents of")
 
     def _check(self, offset, length, what):
         if offset < 0 or offset + length > self._backend.size():
@@ -405,7 +435,13 @@ class ImageioClient:
         (C{readinto(buf)}; called in the reactor thread, so it should not
         block for long).
         """
-        return defer.ensureDeferred(self._read_from(reader, offset, length))
+        try:
+            self._check(offset, length, "Write")
+        except RuntimeError:
+            return defer.fail()
+        return self._guard(
+            defer.ensureDeferred(self._read_from(reader, offset, length)),
+            f"write of {length} bytes at {offset} to")
 
     async def _read_from(self, reader, offset, length):
         self._check(offset, length, "Write")
@@ -442,7 +478,8 @@ class ImageioClient:
         except RuntimeError:
             return defer.fail()
         d = self._backend.readTo(offset, length, _Writer(writer))
-        return d.addCallback(lambda _: None)
+        return self._guard(d.addCallback(lambda _: None),
+                           f"read of {length} bytes at {offset} from")
 
     def read(self, offset, buf) -> defer.Deferred[int]:
         """
@@ -458,7 +495,9 @@ class ImageioClient:
             memoryview(buf).cast("B")[:n] = data
             return n
 
-        return self._backend.read(offset, len(buf)).addCallback(got)
+        return self._guard(
+            self._backend.read(offset, len(buf)).addCallback(got),
+            f"read of {len(buf)} bytes at {offset} from")
 
     def write(self, offset, buf) -> defer.Deferred[None]:
         """
@@ -468,13 +507,15 @@ class ImageioClient:
             self._check(offset, len(buf), "Write")
         except RuntimeError:
             return defer.fail()
-        return self._backend.write(offset, bytes(buf))
+        return self._guard(self._backend.write(offset, bytes(buf)),
+                           f"write of {len(buf)} bytes at {offset} to")
 
     def zero(self, offset, length) -> defer.Deferred[None]:
-        return self._backend.zero(offset, length)
+        return self._guard(self._backend.zero(offset, length),
+                           f"zero of {length} bytes at {offset} of")
 
     def flush(self) -> defer.Deferred[None]:
-        return self._backend.flush()
+        return self._guard(self._backend.flush(), "flush of")
 
     def close(self) -> defer.Deferred[None]:
         return self._backend.close()
