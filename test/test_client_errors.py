@@ -262,24 +262,37 @@ async def test_connection_refused(daemon, src, tmp_path):
           "connection refused")
 
 
-class ResettingRelay:
+class Relay:
     """
-    A TCP relay to the daemon that resets (RST, SO_LINGER 0) a connection
-    once it carried C{limit} bytes in one direction: the connection reset
-    in the middle of a transfer.
+    A TCP relay to the daemon on 127.0.0.1 that counts connections and
+    bytes, and, with C{reset_after}, resets a connection (RST: SO_LINGER
+    0) once it carried that many bytes in one direction: the connection
+    reset in the middle of a transfer.
+
+    @ivar accepted: connections accepted.
+    @ivar peak: the most connections open at once.
+    @ivar up: bytes from the client to the daemon.
+    @ivar down: bytes from the daemon to the client.
+    @ivar resets: connections reset.
     """
 
-    def __init__(self, port, limit):
+    def __init__(self, port, reset_after=None):
         self._target = ("127.0.0.1", port)
-        self._limit = limit
+        self._limit = reset_after
+        self._lock = threading.Lock()
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
+        self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
-        self.resets = 0
+        self.accepted = self.peak = self.resets = self.up = self.down = 0
+        self._open = 0
         self._stopped = False
+        self._threads = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
+
+    def url(self, url, port):
+        return url.replace(f":{port}/", f":{self.port}/")
 
     def _accept(self):
         while not self._stopped:
@@ -287,25 +300,34 @@ class ResettingRelay:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._relay, args=(conn,),
-                             daemon=True).start()
+            with self._lock:
+                self.accepted += 1
+                self._open += 1
+                self.peak = max(self.peak, self._open)
+            t = threading.Thread(target=self._relay, args=(conn,),
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def _relay(self, a):
         b = socket.create_connection(self._target)
         moved = {a: 0, b: 0}
         peer = {a: b, b: a}
         try:
-            while True:
-                ready, _, _ = select.select([a, b], [], [], 30)
-                if not ready:
-                    return
+            while not self._stopped:
+                ready, _, _ = select.select([a, b], [], [], 0.5)
                 for s in ready:
                     data = s.recv(65536)
                     if not data:
                         return
                     peer[s].sendall(data)
                     moved[s] += len(data)
-                    if moved[s] >= self._limit:
+                    with self._lock:
+                        if s is a:
+                            self.up += len(data)
+                        else:
+                            self.down += len(data)
+                    if self._limit is not None and moved[s] >= self._limit:
                         self.resets += 1
                         for x in (a, b):
                             x.setsockopt(socket.SOL_SOCKET,
@@ -317,10 +339,14 @@ class ResettingRelay:
         finally:
             a.close()
             b.close()
+            with self._lock:
+                self._open -= 1
 
     def close(self):
         self._stopped = True
         self._sock.close()
+        for t in self._threads:
+            t.join(5)
 
 
 @pytest.mark.parametrize("direction", ["upload", "download"])
@@ -332,9 +358,9 @@ async def test_connection_reset_mid_transfer(daemon, tmp_path, direction):
     qemu_img("create", "-q", "-f", "raw", target, str(32 * MiB))
     served = image if direction == "download" else target
     ticket_url = daemon.serve(served, "raw", 32 * MiB)
-    relay = ResettingRelay(daemon.port, 2 * MiB)
+    relay = Relay(daemon.port, reset_after=2 * MiB)
     try:
-        url = ticket_url.replace(f":{daemon.port}/", f":{relay.port}/")
+        url = relay.url(ticket_url, daemon.port)
         out = str(tmp_path / "out.raw")
         if direction == "upload":
             args = ["upload", image, url]

@@ -35,13 +35,15 @@ from imageio.client._errors import (
     ClientError, ImageError, QemuError, ServerError, TransferError)
 from imageio.errors import BackendError, HTTPError
 
-__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
+__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "WORKERS_LIMIT", "upload",
+           "download", "info",
            "measure", "checksum", "extents", "ImageioClient", "ProgressBar",
            "ClientError", "ServerError", "TransferError", "ImageError",
            "QemuError", "HTTPError", "BackendError"]
 
 BUFFER_SIZE = aio.BUFFER_SIZE
 MAX_WORKERS = aio.MAX_WORKERS
+WORKERS_LIMIT = aio.WORKERS_LIMIT
 
 _CANCEL_WAIT = 30.0
 
@@ -126,7 +128,7 @@ _runner = _ReactorThread()
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
-           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           progress=None, proxy_url=None, max_workers=None,
            member=None, backing_chain=True, disk_is_zero=False):
     """
     Upload the local image C{filename} to the transfer C{url} (see
@@ -142,7 +144,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
-             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             proxy_url=None, max_workers=None, backing_file=None,
              backing_format=None):
     """
     Download the transfer C{url} to the new local image C{filename} (see

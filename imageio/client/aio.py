@@ -26,7 +26,8 @@ from imageio.client._errors import (
     translate)
 from imageio.units import MiB
 
-__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
+__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "WORKERS_LIMIT", "upload",
+           "download", "info",
            "measure", "checksum", "extents", "ImageioClient",
            "remote_checksum", "ClientError", "ServerError", "TransferError",
            "ImageError", "QemuError"]
@@ -38,8 +39,29 @@ Bytes moved per chunk by default.
 
 MAX_WORKERS = 4
 """
-Default (and advised) number of concurrent connections per transfer.
+The reference client's default number of connections, kept for scripts
+that pass it explicitly. Our default (C{max_workers=None}) is what the
+server offers (C{max_writers} / C{max_readers} from C{OPTIONS}), at most
+L{WORKERS_LIMIT}.
 """
+
+WORKERS_LIMIT = 16
+"""
+The most connections a transfer uses, whatever the server offers.
+"""
+
+
+def _workers(offered: int, max_workers: int | None) -> int:
+    """
+    Connections to use: the server's offer, capped by the caller's
+    C{max_workers} when given, and by L{WORKERS_LIMIT}.
+    """
+    wanted = WORKERS_LIMIT if max_workers is None else max_workers
+    return max(1, min(offered, wanted, WORKERS_LIMIT))
+
+
+def _pool_size(max_workers: int | None) -> int:
+    return WORKERS_LIMIT if max_workers is None else max_workers
 
 
 def _guard(d: defer.Deferred, what: str, **kw) -> defer.Deferred:
@@ -109,10 +131,10 @@ async def _upload(reactor, filename, url, cafile, buffer_size, secure,
     image = await _qemu.info(reactor, filename, member=member)
     dst = await _transfer.open_http(
         reactor, url, "r+", cafile=cafile, secure=secure,
-        proxy_url=proxy_url, max_connections=max_workers,
+        proxy_url=proxy_url, max_connections=_pool_size(max_workers),
         buffer_size=buffer_size, client=http_client)
     try:
-        workers = max(1, min(dst.maxWriters, max_workers))
+        workers = _workers(dst.maxWriters, max_workers)
         server = await _qemu.start_nbd(
             reactor, filename, image["format"], read_only=True,
             shared=workers + 1, offset=image.get("member-offset"),
@@ -144,7 +166,7 @@ async def _upload(reactor, filename, url, cafile, buffer_size, secure,
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
-           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           progress=None, proxy_url=None, max_workers=None,
            member=None, backing_chain=True, disk_is_zero=False, *,
            reactor=None, http_client=None) -> defer.Deferred[None]:
     """
@@ -159,7 +181,8 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
         C{update(n)} called) or a callable taking C{n}.
     @param proxy_url: tried when C{url} cannot be reached.
     @param max_workers: connections to use, at most the server's
-        C{max_writers}.
+        C{max_writers}; C{None} (default): as many as the server offers
+        (at most L{WORKERS_LIMIT}).
     @param backing_chain: upload the backing chain too; when false, holes
         stay holes in the target (upload to an empty snapshot).
     @param disk_is_zero: the target reads as zeroes, so zero extents are
@@ -184,7 +207,7 @@ async def _download(reactor, url, filename, cafile, fmt, incremental,
     progress = _Progress(progress)
     src = await _transfer.open_http(
         reactor, url, "r", cafile=cafile, secure=secure,
-        proxy_url=proxy_url, max_connections=max_workers,
+        proxy_url=proxy_url, max_connections=_pool_size(max_workers),
         buffer_size=buffer_size, client=http_client)
     try:
         size = src.size()
@@ -195,7 +218,7 @@ async def _download(reactor, url, filename, cafile, fmt, incremental,
         await _qemu.create(reactor, filename, fmt, size=size,
                            backing_file=backing_file,
                            backing_format=backing_format)
-        workers = max(1, min(src.maxReaders, max_workers))
+        workers = _workers(src.maxReaders, max_workers)
         server = await _qemu.start_nbd(reactor, filename, fmt,
                                        shared=workers)
         try:
@@ -218,7 +241,7 @@ async def _download(reactor, url, filename, cafile, fmt, incremental,
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
-             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             proxy_url=None, max_workers=None, backing_file=None,
              backing_format=None, *, reactor=None,
              http_client=None) -> defer.Deferred[None]:
     """
@@ -232,7 +255,7 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
     @param backing_format: the format of C{backing_file}.
 
     Other parameters as in L{upload}; C{max_workers} is capped by the
-    server's C{max_readers}.
+    server's C{max_readers} (C{None}: as many as it offers).
     """
     reactor = _reactor(reactor)
     return _guard(defer.ensureDeferred(_download(

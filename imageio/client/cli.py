@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="bytes per chunk, suffixes k, m, g "
                                "(default 4m)")
     transfer.add_argument("--max-workers", "-w", type=_workers,
-                          default=aio.MAX_WORKERS,
-                          help="connections to use (default 4)")
+                          default=None,
+                          help="connections to use (default: as many as "
+                               "the server offers, at most "
+                               f"{aio.WORKERS_LIMIT})")
     transfer.add_argument("--verify", action="store_true",
                           help="compare the server's checksum with the "
                                "local image's after the transfer")
