@@ -116,4 +116,5 @@ def test_workers_choice():
     assert aio._workers(8, 4) == 4
     assert aio._workers(2, 4) == 2
     assert aio._workers(64, None) == aio.WORKERS_LIMIT
+    assert aio._workers(64, 12) == 12
     assert aio._workers(1, None) == 1

@@ -45,9 +45,12 @@ server offers (C{max_writers} / C{max_readers} from C{OPTIONS}), at most
 L{WORKERS_LIMIT}.
 """
 
-WORKERS_LIMIT = 16
+WORKERS_LIMIT = 8
 """
-The most connections a transfer uses, whatever the server offers.
+The most connections a transfer uses by default, whatever the server
+offers (the reference's command allows at most 8 too). Each download
+connection buffers up to about 16 MiB, so this also bounds the client's
+memory (bench/client_rss.py). An explicit C{max_workers} may go higher.
 """
 
 
@@ -57,7 +60,7 @@ def _workers(offered: int, max_workers: int | None) -> int:
     C{max_workers} when given, and by L{WORKERS_LIMIT}.
     """
     wanted = WORKERS_LIMIT if max_workers is None else max_workers
-    return max(1, min(offered, wanted, WORKERS_LIMIT))
+    return max(1, min(offered, wanted))
 
 
 def _pool_size(max_workers: int | None) -> int:
