@@ -37,7 +37,7 @@ from imageio.client._errors import (
 from imageio.logs import Logger
 from imageio.backends import http as http_backend
 from imageio.errors import BackendError, HTTPError, InternalError
-from imageio.transfer import DownloadProducer, UploadSink, HIGH_WATER
+from imageio.transfer import DownloadProducer, UploadSink
 from imageio.units import GiB, MiB
 
 __all__ = ["TransferError", "open_http", "copy", "http_client",
@@ -60,6 +60,22 @@ spread big extents over the workers and keep progress moving.
 MAX_ZERO_SIZE = 1 * GiB
 """
 The largest range zeroed by one request.
+"""
+
+UPLOAD_READ_DEPTH = 2
+"""
+Reads of the local image in flight per upload connection.
+"""
+
+DOWNLOAD_HIGH_WATER = 4 * MiB
+"""
+Bytes of a download connection buffered (or being written to the local
+image) before its socket is paused; reading resumes below half of it.
+"""
+
+DOWNLOAD_WRITE_SIZE = 1 * MiB
+"""
+The largest write to the local image of a download.
 """
 
 
@@ -306,10 +322,16 @@ class _SinkConsumer:
 
     def __init__(self, backend, offset, buffer_size, operation):
         self._relay = _Relay()
-        high = max(HIGH_WATER, 2 * buffer_size)
+        # Small NBD writes and a low high-water mark: the bytes of one
+        # connection wait here, so this bounds the client's memory per
+        # connection (4 MiB + 1 MiB writes: 109 MiB peak RSS for a dense
+        # 4 GiB download with 8 connections, against 160 MiB with 8 MiB
+        # and 4 MiB writes, at the same speed; bench/client_rss.py).
+        write = min(buffer_size, DOWNLOAD_WRITE_SIZE)
+        high = max(DOWNLOAD_HIGH_WATER, 2 * write)
         self.sink = UploadSink(backend, offset, operation=operation,
                                producer=self._relay, highWater=high,
-                               lowWater=high // 2, writeSize=buffer_size)
+                               lowWater=high // 2, writeSize=write)
 
     def registerProducer(self, producer, streaming):
         self._relay.producer = producer
@@ -361,8 +383,11 @@ def plan(extents, *, dirty=False, zero=True, hole=True):
 
 async def _upload_piece(src, dst, start, length, buffer_size, operation):
     stream, done = dst.writeFrom(start, length, operation=operation)
+    # Two reads in flight per connection (the NBD default is 4): with up
+    # to 8 connections that still keeps 16 reads going, and bounds the
+    # client's memory (bench/client_rss.py).
     pump = DownloadProducer(src, stream, start, length,
-                            chunkSize=buffer_size)
+                            chunkSize=buffer_size, depth=UPLOAD_READ_DEPTH)
     pumped = pump.start()
 
     upload_failed = []
