@@ -10,7 +10,9 @@ L{imageio.client} (and the reference's C{ovirt_imageio.client}), plus:
     instead of real connections (tests pass L{treq.testing.StubTreq}).
 
 Every function returns a L{Deferred}; cancelling it stops the transfer,
-stops the private C{qemu-nbd} and closes the connections.
+stops the private C{qemu-nbd} and closes the connections. Failures are
+L{ClientError}s whose text is one line naming what failed and why (see
+L{imageio.client._errors} and docs/client-api.md).
 """
 
 from __future__ import annotations
