@@ -9,9 +9,13 @@ Starts our daemon (TLS; with --unix the client may switch to the daemon's
 local unix socket, as it does on the same host), writes a dense SIZE image
 of random data, uploads it to a file ticket with imageio.client.upload and
 downloads it back with imageio.client.download (or, with --cli, the
-`imageio` command's main()), each in a fresh Python process that prints its own peak RSS (ru_maxrss: the client process only;
-the private qemu-nbd is a separate process and reported apart). Checks
-that the copies are identical. Not part of `make test`.
+`imageio` command's main()), each in a fresh Python process that prints
+its own peak RSS (ru_maxrss: the client process only; the private
+qemu-nbd is a separate process, reported apart). Checks that the copies
+are identical. Not part of `make test`.
+
+Measured 2026-12-07 (2 shared cores, 8 connections, TLS): upload 70 MiB,
+download 105 MiB peak client RSS, library and command alike.
 """
 
 import argparse
