@@ -529,3 +529,64 @@ def test_unexpected_error_is_named_without_class():
           "unexpected client error")
     exc = translate(KeyError("x"), "download of https://h/x")
     check(exc, client.ClientError, "download of", "unexpected client error")
+
+
+def test_blocking_imageio_client_errors(daemon, tmp_path):
+    # The blocking random-access client raises the same errors, from each
+    # operation, including a streamed read_from.
+    dst = str(tmp_path / "dst.raw")
+    qemu_img("create", "-q", "-f", "raw", dst, str(1 * MiB))
+    url = daemon.serve(dst, "raw", 1 * MiB, ops=("read",))
+    code = textwrap.dedent(f"""
+        import io, json
+        from imageio import client
+        out = {{}}
+        with client.ImageioClient({url!r}, {daemon.pki.ca!r}) as c:
+            for name, call in [
+                    ("write", lambda: c.write(0, b"x" * 4096)),
+                    ("read_from", lambda: c.read_from(
+                        io.BytesIO(b"y" * 8192), 0, 8192)),
+                    ("zero", lambda: c.zero(0, 4096))]:
+                try:
+                    call()
+                except client.ServerError as e:
+                    out[name] = [e.code, str(e)]
+        try:
+            client.ImageioClient({daemon.url("missing")!r},
+                                 {daemon.pki.ca!r})
+        except client.ServerError as e:
+            out["open"] = [e.code, str(e)]
+        print(json.dumps(out))
+    """)
+    r = run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"write", "read_from", "zero", "open"}, out
+    for name in ("write", "read_from", "zero"):
+        code, text = out[name]
+        assert code == 403, out
+        assert "forbids write" in text and url in text, text
+        assert not _CLASS_NAME.search(text), text
+    assert out["open"][0] == 403
+    assert "opening" in out["open"][1] and "No such ticket" in out["open"][1]
+
+
+def test_wrapped_failure_text():
+    # A request failing for a reason Twisted wraps (RequestGenerationFailed
+    # and friends print as "[<twisted.python.failure.Failure ...>]") is
+    # described by the wrapped error's own text.
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import RequestGenerationFailed
+    from imageio.client._errors import translate
+    from imageio.errors import BackendError
+    try:
+        raise OSError(5, "Input/output error")
+    except OSError:
+        inner = Failure()
+    wrapped = RequestGenerationFailed([inner])
+    error = BackendError(f"PUT host:1/images/t failed: {wrapped}")
+    error.__cause__ = wrapped
+    exc = translate(error, "upload of 'a.raw' to https://host:1/images/t")
+    text = check(exc, client.TransferError, "PUT host:1/images/t",
+                 "Input/output error")
+    assert "[<" not in text

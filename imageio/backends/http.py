@@ -414,9 +414,10 @@ class _ZeroBody:
 
     def startProducing(self, consumer):
         self._consumer = consumer
-        self._done = defer.Deferred(lambda d: self.stopProducing())
+        # _run may finish (and forget _done) before returning.
+        done = self._done = defer.Deferred(lambda d: self.stopProducing())
         self._run()
-        return self._done
+        return done
 
     def _run(self):
         if self._running:

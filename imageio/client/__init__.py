@@ -228,6 +228,8 @@ class ImageioClient:
         C{reader.readinto(buf)} in the calling thread.
         """
         upload = self._call(self._start_upload, offset, length)
+        what = f"write of {length} bytes at {offset} to"
+        write = self._guarded(upload.write, what)
         buf = bytearray(min(self._buffer_size, 32 << 20))
         todo = length
         try:
@@ -236,12 +238,24 @@ class ImageioClient:
                 if not n:
                     raise RuntimeError(f"Unexpected end of file, {todo} "
                                        f"bytes missing")
-                self._call(upload.write, bytes(buf[:n]))
+                self._call(write, bytes(buf[:n]))
                 todo -= n
         except BaseException:
             _runner.reactor().callFromThread(upload.abort)
             raise
-        self._call(upload.finish)
+        self._call(self._guarded(upload.finish, what))
+
+    def _guarded(self, fn, what):
+        """
+        C{fn} returning a Deferred whose failure is the client's error
+        (see L{imageio.client.aio.ImageioClient}).
+        """
+        from twisted.internet import defer
+
+        def call(*args):
+            return self._client._guard(defer.maybeDeferred(fn, *args),
+                                       what)
+        return call
 
     def _start_upload(self, offset, length):
         from twisted.internet import defer

@@ -249,6 +249,13 @@ def _backend_text(exc: BaseException) -> str:
         if text.endswith(" failed"):
             text = text[:-len(" failed")]
     if reason is None:
+        if cut != -1:
+            # Say what the wrapped failure was, in its own words.
+            inner = [_one_line(str(e)) for e in _chain(exc)
+                     if e is not exc and not getattr(e, "reasons", None)
+                     and str(e)]
+            if inner:
+                return f"{text}: {inner[0]}" if text else inner[0]
         return text or "connection failed"
     head, sep, _ = text.partition(" failed: ")
     if sep:
