@@ -414,9 +414,10 @@ class _ZeroBody:
 
     def startProducing(self, consumer):
         self._consumer = consumer
-        self._done = defer.Deferred(lambda d: self.stopProducing())
+        # _run may finish (and forget _done) before returning.
+        done = self._done = defer.Deferred(lambda d: self.stopProducing())
         self._run()
-        return self._done
+        return done
 
     def _run(self):
         if self._running:
@@ -656,7 +657,10 @@ class HTTPBackend:
                 body = await _readBody(response, _SMALL_BODY_LIMIT)
             except Exception:
                 body = b""
-            return _httpError(response.code, body)
+            error = _httpError(response.code, body)
+            # Which request got the answer, for the client's message.
+            error.method = method
+            return error
         response.deliverBody(_Drop())
         return BackendError(f"{method} {self._netloc}{self._path}: "
                             f"unexpected status {response.code}")
@@ -1099,10 +1103,13 @@ class _StreamTo(Protocol):
             self._fail(Failure(ProducerStopped(
                 "The consumer stopped the download")))
         else:
-            self._fail(Failure(BackendError(
+            error = BackendError(
                 f"GET {self._where}: the remote stopped after "
                 f"{self.received} of {self._length} bytes: "
-                f"{reason.getErrorMessage()}")))
+                f"{reason.getErrorMessage()}")
+            # Keep the reason for callers that explain it (the client).
+            error.__cause__ = reason.value
+            self._fail(Failure(error))
 
     def _abort(self, reason) -> None:
         self._fail(reason if isinstance(reason, Failure)

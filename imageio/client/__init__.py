@@ -31,16 +31,19 @@ from twisted.python.failure import Failure
 from imageio import blkhash
 from imageio.client import aio
 from imageio.client._progress import ProgressBar
-from imageio.client._qemu import QemuError
-from imageio.client._transfer import TransferError
+from imageio.client._errors import (
+    ClientError, ImageError, QemuError, ServerError, TransferError)
 from imageio.errors import BackendError, HTTPError
 
-__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
+__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "WORKERS_LIMIT", "upload",
+           "download", "info",
            "measure", "checksum", "extents", "ImageioClient", "ProgressBar",
-           "TransferError", "QemuError", "HTTPError", "BackendError"]
+           "ClientError", "ServerError", "TransferError", "ImageError",
+           "QemuError", "HTTPError", "BackendError"]
 
 BUFFER_SIZE = aio.BUFFER_SIZE
 MAX_WORKERS = aio.MAX_WORKERS
+WORKERS_LIMIT = aio.WORKERS_LIMIT
 
 _CANCEL_WAIT = 30.0
 
@@ -125,7 +128,7 @@ _runner = _ReactorThread()
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
-           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           progress=None, proxy_url=None, max_workers=None,
            member=None, backing_chain=True, disk_is_zero=False):
     """
     Upload the local image C{filename} to the transfer C{url} (see
@@ -141,7 +144,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
-             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             proxy_url=None, max_workers=None, backing_file=None,
              backing_format=None):
     """
     Download the transfer C{url} to the new local image C{filename} (see
@@ -225,6 +228,8 @@ class ImageioClient:
         C{reader.readinto(buf)} in the calling thread.
         """
         upload = self._call(self._start_upload, offset, length)
+        what = f"write of {length} bytes at {offset} to"
+        write = self._guarded(upload.write, what)
         buf = bytearray(min(self._buffer_size, 32 << 20))
         todo = length
         try:
@@ -233,12 +238,24 @@ class ImageioClient:
                 if not n:
                     raise RuntimeError(f"Unexpected end of file, {todo} "
                                        f"bytes missing")
-                self._call(upload.write, bytes(buf[:n]))
+                self._call(write, bytes(buf[:n]))
                 todo -= n
         except BaseException:
             _runner.reactor().callFromThread(upload.abort)
             raise
-        self._call(upload.finish)
+        self._call(self._guarded(upload.finish, what))
+
+    def _guarded(self, fn, what):
+        """
+        C{fn} returning a Deferred whose failure is the client's error
+        (see L{imageio.client.aio.ImageioClient}).
+        """
+        from twisted.internet import defer
+
+        def call(*args):
+            return self._client._guard(defer.maybeDeferred(fn, *args),
+                                       what)
+        return call
 
     def _start_upload(self, offset, length):
         from twisted.internet import defer

@@ -11,6 +11,7 @@ format, follows backing chains and reports allocation, and the NBD client
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import tempfile
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
 
+from imageio.client._errors import ImageError, QemuError
 from imageio.logs import Logger
 
 __all__ = ["QemuError", "info", "measure", "create", "QemuNBD", "start_nbd",
@@ -51,12 +53,6 @@ Seconds C{qemu-nbd} may take to exit after SIGTERM before it is killed.
 
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
-
-
-class QemuError(Exception):
-    """
-    A qemu tool failed; the message carries its own error text.
-    """
 
 
 def _program(name: str) -> str:
@@ -126,9 +122,14 @@ def _find_member(filename: str, member: str) -> tuple[int, int]:
             m = tar.getmember(member)
             return m.offset_data, m.size
     except KeyError:
-        raise QemuError(f"No member {member!r} in {filename!r}") from None
-    except (OSError, tarfile.TarError) as e:
-        raise QemuError(f"Cannot read {filename!r}: {e}") from e
+        raise ImageError(f"No member {member!r} in {filename!r}",
+                         filename=filename) from None
+    except OSError as e:
+        raise ImageError(f"Cannot read {filename!r}: {e.strerror or e}",
+                         filename=filename, errno=e.errno) from e
+    except tarfile.TarError as e:
+        raise ImageError(f"Cannot read {filename!r}: {e}",
+                         filename=filename) from e
 
 
 def _member_uri(filename: str, offset: int, size: int) -> str:
@@ -152,11 +153,31 @@ async def info(reactor, filename: str, member: str | None = None) -> dict:
         result["member-offset"] = offset
         result["member-size"] = size
         return result
-    if not os.path.exists(filename):
-        raise QemuError(f"No such file: {filename!r}")
-    out = await _run(reactor, [QEMU_IMG, "info", "--output", "json",
-                               filename])
+    _check_readable(filename)
+    try:
+        out = await _run(reactor, [QEMU_IMG, "info", "--output", "json",
+                                   filename])
+    except QemuError as e:
+        # The file is there and readable: qemu cannot make sense of it.
+        raise ImageError(f"{filename!r} is not an image qemu can read: "
+                         f"{e.detail}", filename=filename) from e
     return json.loads(out)
+
+
+def _check_readable(filename: str) -> None:
+    """
+    Raise L{ImageError} if C{filename} is missing or cannot be opened for
+    reading (before qemu-img reports it in its own words).
+    """
+    try:
+        fd = os.open(filename, os.O_RDONLY)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            text = f"No such file: {filename!r}"
+        else:
+            text = f"Cannot read {filename!r}: {e.strerror}"
+        raise ImageError(text, filename=filename, errno=e.errno) from None
+    os.close(fd)
 
 
 async def measure(reactor, filename: str, dst_fmt: str,
@@ -169,8 +190,7 @@ async def measure(reactor, filename: str, dst_fmt: str,
         offset, size = _find_member(filename, member)
         target = _member_uri(filename, offset, size)
     else:
-        if not os.path.exists(filename):
-            raise QemuError(f"No such file: {filename!r}")
+        _check_readable(filename)
         target = filename
     out = await _run(reactor, [QEMU_IMG, "measure", "--output", "json",
                                "-O", dst_fmt, target])
@@ -303,7 +323,8 @@ class QemuNBD(protocol.ProcessProtocol):
         delay = _POLL_FIRST
         while True:
             if not self.running:
-                raise QemuError(f"qemu-nbd failed: {self.error_text or 'exit code %s' % self.exit_code}")
+                reason = self.error_text or f"exit code {self.exit_code}"
+                raise QemuError(f"qemu-nbd failed to start: {reason}")
             if os.path.exists(self.socket) and _socket_ready(self.socket):
                 return
             if self._reactor.seconds() >= deadline:
@@ -405,7 +426,12 @@ async def start_nbd(reactor, filename: str, fmt: str, *,
     @return: the running L{QemuNBD}; the caller must L{QemuNBD.stop} it.
     """
     exe = _program(QEMU_NBD)
-    directory = tempfile.mkdtemp(prefix="imageio-")
+    try:
+        directory = tempfile.mkdtemp(prefix="imageio-")
+    except OSError as e:
+        raise QemuError(f"Cannot create a directory for qemu-nbd's socket "
+                        f"in {tempfile.gettempdir()!r}: {e.strerror}") \
+            from e
     args = nbd_args(filename, fmt, os.path.join(directory, "sock"),
                     read_only=read_only, shared=shared, bitmap=bitmap,
                     backing_chain=backing_chain, offset=offset, size=size)

@@ -10,22 +10,29 @@ L{imageio.client} (and the reference's C{ovirt_imageio.client}), plus:
     instead of real connections (tests pass L{treq.testing.StubTreq}).
 
 Every function returns a L{Deferred}; cancelling it stops the transfer,
-stops the private C{qemu-nbd} and closes the connections.
+stops the private C{qemu-nbd} and closes the connections. Failures are
+L{ClientError}s whose text is one line naming what failed and why (see
+L{imageio.client._errors} and docs/client-api.md).
 """
 
 from __future__ import annotations
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from imageio import blkhash
 from imageio.backends import nbd as nbd_backend
 from imageio.client import _qemu, _transfer
-from imageio.client._transfer import TransferError
+from imageio.client._errors import (
+    ClientError, ImageError, QemuError, ServerError, TransferError,
+    translate)
 from imageio.units import MiB
 
-__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "upload", "download", "info",
+__all__ = ["BUFFER_SIZE", "MAX_WORKERS", "WORKERS_LIMIT", "upload",
+           "download", "info",
            "measure", "checksum", "extents", "ImageioClient",
-           "remote_checksum", "TransferError"]
+           "remote_checksum", "ClientError", "ServerError", "TransferError",
+           "ImageError", "QemuError"]
 
 BUFFER_SIZE = 4 * MiB
 """
@@ -34,8 +41,43 @@ Bytes moved per chunk by default.
 
 MAX_WORKERS = 4
 """
-Default (and advised) number of concurrent connections per transfer.
+The reference client's default number of connections, kept for scripts
+that pass it explicitly. Our default (C{max_workers=None}) is what the
+server offers (C{max_writers} / C{max_readers} from C{OPTIONS}), at most
+L{WORKERS_LIMIT}.
 """
+
+WORKERS_LIMIT = 8
+"""
+The most connections a transfer uses by default, whatever the server
+offers (the reference's command allows at most 8 too). Each download
+connection buffers up to about 16 MiB, so this also bounds the client's
+memory (bench/client_rss.py). An explicit C{max_workers} may go higher.
+"""
+
+
+def _workers(offered: int, max_workers: int | None) -> int:
+    """
+    Connections to use: the server's offer, capped by the caller's
+    C{max_workers} when given, and by L{WORKERS_LIMIT}.
+    """
+    wanted = WORKERS_LIMIT if max_workers is None else max_workers
+    return max(1, min(offered, wanted))
+
+
+def _pool_size(max_workers: int | None) -> int:
+    return WORKERS_LIMIT if max_workers is None else max_workers
+
+
+def _guard(d: defer.Deferred, what: str, **kw) -> defer.Deferred:
+    """
+    Make C{d}'s failure the caller's exception (L{translate}): one line
+    naming C{what} failed and why.
+    """
+    def failed(f: Failure):
+        exc = translate(f.value, what, **kw)
+        return f if exc is f.value else Failure(exc)
+    return d.addErrback(failed)
 
 
 def _reactor(reactor):
@@ -94,10 +136,10 @@ async def _upload(reactor, filename, url, cafile, buffer_size, secure,
     image = await _qemu.info(reactor, filename, member=member)
     dst = await _transfer.open_http(
         reactor, url, "r+", cafile=cafile, secure=secure,
-        proxy_url=proxy_url, max_connections=max_workers,
+        proxy_url=proxy_url, max_connections=_pool_size(max_workers),
         buffer_size=buffer_size, client=http_client)
     try:
-        workers = max(1, min(dst.maxWriters, max_workers))
+        workers = _workers(dst.maxWriters, max_workers)
         server = await _qemu.start_nbd(
             reactor, filename, image["format"], read_only=True,
             shared=workers + 1, offset=image.get("member-offset"),
@@ -129,7 +171,7 @@ async def _upload(reactor, filename, url, cafile, buffer_size, secure,
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
-           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           progress=None, proxy_url=None, max_workers=None,
            member=None, backing_chain=True, disk_is_zero=False, *,
            reactor=None, http_client=None) -> defer.Deferred[None]:
     """
@@ -144,29 +186,33 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
         C{update(n)} called) or a callable taking C{n}.
     @param proxy_url: tried when C{url} cannot be reached.
     @param max_workers: connections to use, at most the server's
-        C{max_writers}.
+        C{max_writers}; C{None} (default): as many as the server offers
+        (at most L{WORKERS_LIMIT}).
     @param backing_chain: upload the backing chain too; when false, holes
         stay holes in the target (upload to an empty snapshot).
     @param disk_is_zero: the target reads as zeroes, so zero extents are
         skipped instead of zeroed.
     """
     reactor = _reactor(reactor)
-    return defer.ensureDeferred(_upload(
+    return _guard(defer.ensureDeferred(_upload(
         reactor, filename, url, cafile, buffer_size, secure, progress,
         proxy_url, max_workers, member, backing_chain, disk_is_zero,
-        http_client))
+        http_client)), f"upload of {filename!r} to {url}", local=filename)
 
 
 async def _download(reactor, url, filename, cafile, fmt, incremental,
                     buffer_size, secure, progress, proxy_url, max_workers,
                     backing_file, backing_format, http_client):
+    if fmt not in ("raw", "qcow2"):
+        raise ValueError(f"Unsupported image format {fmt!r}: expecting "
+                         f"'raw' or 'qcow2'")
     if incremental and fmt != "qcow2":
         raise ValueError(f"incremental={incremental} is incompatible with "
                          f"fmt={fmt}")
     progress = _Progress(progress)
     src = await _transfer.open_http(
         reactor, url, "r", cafile=cafile, secure=secure,
-        proxy_url=proxy_url, max_connections=max_workers,
+        proxy_url=proxy_url, max_connections=_pool_size(max_workers),
         buffer_size=buffer_size, client=http_client)
     try:
         size = src.size()
@@ -177,7 +223,7 @@ async def _download(reactor, url, filename, cafile, fmt, incremental,
         await _qemu.create(reactor, filename, fmt, size=size,
                            backing_file=backing_file,
                            backing_format=backing_format)
-        workers = max(1, min(src.maxReaders, max_workers))
+        workers = _workers(src.maxReaders, max_workers)
         server = await _qemu.start_nbd(reactor, filename, fmt,
                                        shared=workers)
         try:
@@ -200,7 +246,7 @@ async def _download(reactor, url, filename, cafile, fmt, incremental,
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
-             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             proxy_url=None, max_workers=None, backing_file=None,
              backing_format=None, *, reactor=None,
              http_client=None) -> defer.Deferred[None]:
     """
@@ -214,13 +260,14 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
     @param backing_format: the format of C{backing_file}.
 
     Other parameters as in L{upload}; C{max_workers} is capped by the
-    server's C{max_readers}.
+    server's C{max_readers} (C{None}: as many as it offers).
     """
     reactor = _reactor(reactor)
-    return defer.ensureDeferred(_download(
+    return _guard(defer.ensureDeferred(_download(
         reactor, url, filename, cafile, fmt, incremental, buffer_size,
         secure, progress, proxy_url, max_workers, backing_file,
-        backing_format, http_client))
+        backing_format, http_client)), f"download of {url} to {filename!r}",
+        local=filename, writing_local=True)
 
 
 def info(filename, member=None, *, reactor=None) -> defer.Deferred[dict]:
@@ -228,8 +275,9 @@ def info(filename, member=None, *, reactor=None) -> defer.Deferred[dict]:
     C{qemu-img info} of the image (C{member-offset} and C{member-size}
     added for an OVA C{member}).
     """
-    return defer.ensureDeferred(
-        _qemu.info(_reactor(reactor), filename, member=member))
+    return _guard(defer.ensureDeferred(
+        _qemu.info(_reactor(reactor), filename, member=member)),
+        f"info of {filename!r}")
 
 
 def measure(filename, dst_fmt, member=None, *,
@@ -237,8 +285,9 @@ def measure(filename, dst_fmt, member=None, *,
     """
     C{qemu-img measure} of the image converted to C{dst_fmt}.
     """
-    return defer.ensureDeferred(
-        _qemu.measure(_reactor(reactor), filename, dst_fmt, member=member))
+    return _guard(defer.ensureDeferred(
+        _qemu.measure(_reactor(reactor), filename, dst_fmt, member=member)),
+        f"measure of {filename!r}")
 
 
 async def _with_local(reactor, filename, member, fn, bitmap=None):
@@ -298,8 +347,9 @@ def checksum(filename, member=None, block_size=blkhash.BLOCK_SIZE,
         return await _checksum(reactor, backend, block_size, algorithm,
                                detect_zeroes)
 
-    return defer.ensureDeferred(_with_local(reactor, filename, member,
-                                            compute))
+    return _guard(defer.ensureDeferred(_with_local(
+        reactor, filename, member, compute)), f"checksum of {filename!r}",
+        local=filename)
 
 
 def extents(filename, member=None, bitmap=None, *,
@@ -313,8 +363,9 @@ def extents(filename, member=None, bitmap=None, *,
     async def get(backend):
         return await backend.extents("dirty" if bitmap else "zero")
 
-    return defer.ensureDeferred(_with_local(reactor, filename, member, get,
-                                            bitmap=bitmap))
+    return _guard(defer.ensureDeferred(_with_local(
+        reactor, filename, member, get, bitmap=bitmap)),
+        f"extents of {filename!r}", local=filename)
 
 
 def remote_checksum(url, cafile=None, secure=True, algorithm=None,
@@ -323,9 +374,10 @@ def remote_checksum(url, cafile=None, secure=True, algorithm=None,
     """
     The server's checksum of the transfer C{url} (C{GET <url>/checksum}).
     """
-    return defer.ensureDeferred(_transfer.remote_checksum(
+    return _guard(defer.ensureDeferred(_transfer.remote_checksum(
         _reactor(reactor), url, cafile=cafile, secure=secure,
-        algorithm=algorithm, block_size=block_size, client=http_client))
+        algorithm=algorithm, block_size=block_size, client=http_client)),
+        f"checksum of {url}")
 
 
 class _Writer:
@@ -355,9 +407,13 @@ class ImageioClient:
     @ivar max_writers: the server's advised concurrent writers.
     """
 
-    def __init__(self, backend, buffer_size=BUFFER_SIZE):
+    def __init__(self, backend, buffer_size=BUFFER_SIZE, url=None):
         self._backend = backend
         self._buffer_size = min(buffer_size, _transfer.MAX_BUFFER_SIZE)
+        self._url = url or repr(backend)
+
+    def _guard(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        return _guard(d, f"{what} {self._url}")
 
     @classmethod
     def open(cls, transfer_url, cafile=None, secure=True, proxy_url=None,
@@ -372,7 +428,8 @@ class ImageioClient:
             reactor, transfer_url, "r+", cafile=cafile, secure=secure,
             proxy_url=proxy_url, max_connections=2,
             buffer_size=buffer_size, client=http_client))
-        return d.addCallback(cls, buffer_size)
+        d.addCallback(cls, buffer_size, transfer_url)
+        return _guard(d, f"opening {transfer_url}")
 
     @property
     def max_readers(self) -> int:
@@ -393,7 +450,8 @@ class ImageioClient:
         return self._backend.size()
 
     def extents(self, context="zero") -> defer.Deferred[list]:
-        return self._backend.extents(context)
+        return self._guard(self._backend.extents(context),
+                           f"{context} extents of")
 
     def _check(self, offset, length, what):
         if offset < 0 or offset + length > self._backend.size():
@@ -405,7 +463,13 @@ class ImageioClient:
         (C{readinto(buf)}; called in the reactor thread, so it should not
         block for long).
         """
-        return defer.ensureDeferred(self._read_from(reader, offset, length))
+        try:
+            self._check(offset, length, "Write")
+        except RuntimeError:
+            return defer.fail()
+        return self._guard(
+            defer.ensureDeferred(self._read_from(reader, offset, length)),
+            f"write of {length} bytes at {offset} to")
 
     async def _read_from(self, reader, offset, length):
         self._check(offset, length, "Write")
@@ -442,7 +506,8 @@ class ImageioClient:
         except RuntimeError:
             return defer.fail()
         d = self._backend.readTo(offset, length, _Writer(writer))
-        return d.addCallback(lambda _: None)
+        return self._guard(d.addCallback(lambda _: None),
+                           f"read of {length} bytes at {offset} from")
 
     def read(self, offset, buf) -> defer.Deferred[int]:
         """
@@ -458,7 +523,9 @@ class ImageioClient:
             memoryview(buf).cast("B")[:n] = data
             return n
 
-        return self._backend.read(offset, len(buf)).addCallback(got)
+        return self._guard(
+            self._backend.read(offset, len(buf)).addCallback(got),
+            f"read of {len(buf)} bytes at {offset} from")
 
     def write(self, offset, buf) -> defer.Deferred[None]:
         """
@@ -468,13 +535,15 @@ class ImageioClient:
             self._check(offset, len(buf), "Write")
         except RuntimeError:
             return defer.fail()
-        return self._backend.write(offset, bytes(buf))
+        return self._guard(self._backend.write(offset, bytes(buf)),
+                           f"write of {len(buf)} bytes at {offset} to")
 
     def zero(self, offset, length) -> defer.Deferred[None]:
-        return self._backend.zero(offset, length)
+        return self._guard(self._backend.zero(offset, length),
+                           f"zero of {length} bytes at {offset} of")
 
     def flush(self) -> defer.Deferred[None]:
-        return self._backend.flush()
+        return self._guard(self._backend.flush(), "flush of")
 
     def close(self) -> defer.Deferred[None]:
         return self._backend.close()

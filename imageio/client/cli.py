@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="bytes per chunk, suffixes k, m, g "
                                "(default 4m)")
     transfer.add_argument("--max-workers", "-w", type=_workers,
-                          default=aio.MAX_WORKERS,
-                          help="connections to use (default 4)")
+                          default=None,
+                          help="connections to use (default: as many as "
+                               "the server offers, at most "
+                               f"{aio.WORKERS_LIMIT})")
     transfer.add_argument("--verify", action="store_true",
                           help="compare the server's checksum with the "
                                "local image's after the transfer")
@@ -266,15 +268,16 @@ async def _run(reactor, args, out):
 
 
 def _message(failure) -> str:
-    from imageio.errors import HTTPError
+    """
+    The one line printed for a failed command: the client's error as it
+    reads (it names what failed and why), never an exception's class name.
+    """
+    from imageio.client._errors import ClientError, translate
     exc = failure.value
-    if isinstance(exc, HTTPError) and not isinstance(exc, aio.TransferError):
-        text = str(exc).strip() or "no details"
-        return f"server error {exc.code}: {text}"
-    if isinstance(exc, FileNotFoundError):
-        return f"{exc.strerror}: {exc.filename!r}"
-    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
-    return text
+    if not isinstance(exc, (ClientError, ValueError)):
+        exc = translate(exc, f"{PROG} command")
+    text = " ".join(str(exc).split())
+    return text or "the command failed (IMAGEIO_DEBUG=1 shows details)"
 
 
 def main(argv=None) -> int:
