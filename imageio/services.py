@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from imageio.logs import Logger
 from imageio import endpoints as endpoints_
 from imageio import logs
-from imageio import tickets, workers
+from imageio import malloc, tickets, workers
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
@@ -224,6 +224,19 @@ class _ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+def idleTrim(interval: float = 10.0) -> malloc.IdleTrim:
+    """
+    The service giving transfer buffers back to the system once the body
+    threads are idle (L{malloc.IdleTrim}), for a daemon or worker process.
+    """
+    from imageio.web import bodyreader, bodywriter
+    return malloc.IdleTrim(
+        busy=lambda: bodywriter.running() or bodyreader.running(),
+        activity=lambda: (bodywriter.SocketWriter.bodies
+                          + bodyreader.SocketReader.bodies),
+        interval=interval)
+
+
 class ImageioService(service.MultiService):
     """
     The whole daemon.
@@ -270,6 +283,7 @@ class ImageioService(service.MultiService):
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
         _ThreadPoolService(self.threadpool).setServiceParent(self)
+        idleTrim().setServiceParent(self)
 
         imageListeners = [self._addRemote()]
         if cfg.local.enable:

@@ -8,7 +8,6 @@ This is the only module that touches the global reactor.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import sys
 
@@ -16,7 +15,7 @@ from twisted.internet import task
 from twisted.python import usage
 
 from imageio import config as _config
-from imageio import errors, tickets
+from imageio import errors, malloc, tickets
 
 __all__ = ["Options", "makeService"]
 
@@ -79,35 +78,6 @@ def _loadTicket(path: str) -> dict:
     return ticket
 
 
-def _tuneMalloc(arenas: int = 2, mmapThreshold: int = 4 * 1024 * 1024,
-                trimThreshold: int = 32 * 1024 * 1024) -> None:
-    """
-    Keep glibc malloc from fragmenting on transfer buffers, and from giving
-    them back to the system after every chunk.
-
-    Every chunk a transfer moves is a 0.1-8 MiB buffer. By default each
-    thread that allocates gets its own arena, and glibc raises its mmap
-    threshold after such a buffer is freed, so later ones come from the
-    arenas' heaps, which fragment: a 10-minute soak of 16 transfers grew
-    from 190 to 245 MiB RSS (idle after: 208 MiB). Two arenas and a fixed
-    threshold stop the drift. The threshold was 512 KiB at first, but that
-    made every 1 MiB chunk a fresh mmap, faulted in page by page and
-    unmapped when freed: a TLS download spent 0.5 s of system time per GiB
-    on it (429 MB/s, 1.70 s CPU per GiB). Chunks up to 4 MiB now come from
-    the two arenas, which keep up to 32 MiB free at their top instead of
-    trimming after each chunk (881-905 MB/s, 1.17-1.19 s per GiB). Same as
-    MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
-    without depending on how the daemon is started.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-        libc.mallopt(-3, mmapThreshold)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, trimThreshold)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
 def makeService(options, reactor=None):
     """
     Build the daemon's L{imageio.services.ImageioService}.
@@ -115,7 +85,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from imageio import services
-    _tuneMalloc()
+    malloc.tune()
     cfg = options["config"]
     try:
         services.configureLogging(cfg)

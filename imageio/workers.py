@@ -831,6 +831,8 @@ class WorkerService(service.MultiService):
             name="imageio-io")
         self.tls = None
         self.ports: list = []
+        from imageio.services import idleTrim
+        idleTrim().setServiceParent(self)
 
     def startService(self):
         super().startService()
@@ -909,8 +911,8 @@ def main(argv=None) -> None:
 
     from imageio import config as _config
     from imageio import services
-    from imageio.tap import _tuneMalloc
-    _tuneMalloc()
+    from imageio import malloc
+    malloc.tune()
     cfg = _config.load(args.conf_dir)
     globalLogBeginner.beginLoggingTo([_observer(cfg, args.index)],
                                      redirectStandardIO=False)

@@ -55,7 +55,8 @@ from imageio.units import MiB
 from imageio.web import handoff
 from imageio.web.handoff import ffi, lib
 
-__all__ = ["SocketReader", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE"]
+__all__ = ["SocketReader", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE",
+           "running"]
 
 MIN_SIZE = 4 * MiB
 """
@@ -70,7 +71,7 @@ Bodies read by threads at once; more take Twisted's path.
 BUFFER_SIZE = 2 * MiB
 """
 Bytes per hand-over to the reactor (below malloc's 4 MiB mmap threshold,
-see L{imageio.tap._tuneMalloc}).
+see L{imageio.malloc.tune}).
 """
 
 DIRECT_SIZE = 8 * MiB
@@ -97,6 +98,13 @@ Most ciphertext bytes one C{recv} takes from a TLS socket.
 
 _active = 0
 _activeLock = threading.Lock()
+
+
+def running() -> int:
+    """
+    @return: how many reader threads own (or are taking) a connection now.
+    """
+    return _active
 
 
 def _timeval(seconds: float) -> bytes:

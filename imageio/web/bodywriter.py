@@ -48,7 +48,8 @@ from imageio.web import handoff
 from imageio.web.handoff import ffi as _ffi, lib as _lib
 
 
-__all__ = ["SocketWriter", "FileRegion", "MIN_SIZE", "MAX_WRITERS"]
+__all__ = ["SocketWriter", "FileRegion", "MIN_SIZE", "MAX_WRITERS",
+           "running"]
 
 MIN_SIZE = 4 * MiB
 """
@@ -111,6 +112,13 @@ behind the cursor.
 _END = object()
 _active = 0
 _activeLock = threading.Lock()
+
+
+def running() -> int:
+    """
+    @return: how many writer threads own a connection now.
+    """
+    return _active
 
 
 class FileRegion:

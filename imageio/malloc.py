@@ -1,0 +1,95 @@
+# -*- test-case-name: test.test_malloc -*-
+"""
+glibc malloc and the daemon's transfer buffers: tuning at start-up, and
+giving freed buffers back to the system once transfers stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from twisted.application.internet import TimerService
+
+from imageio.logs import Logger
+
+__all__ = ["tune", "trim", "IdleTrim"]
+
+_log = Logger()
+
+try:
+    _libc = ctypes.CDLL(None)
+    _libc.mallopt
+    _libc.malloc_trim
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    _libc = None
+
+
+def tune(arenas: int = 2, mmapThreshold: int = 4 * 1024 * 1024,
+         trimThreshold: int = 32 * 1024 * 1024) -> None:
+    """
+    Keep glibc malloc from fragmenting on transfer buffers, and from giving
+    them back to the system after every chunk.
+
+    Every chunk a transfer moves is a 0.1-8 MiB buffer. By default each
+    thread that allocates gets its own arena, and glibc raises its mmap
+    threshold after such a buffer is freed, so later ones come from the
+    arenas' heaps, which fragment: a 10-minute soak of 16 transfers grew
+    from 190 to 245 MiB RSS (idle after: 208 MiB). Two arenas and a fixed
+    threshold stop the drift. The threshold was 512 KiB at first, but that
+    made every 1 MiB chunk a fresh mmap, faulted in page by page and
+    unmapped when freed: a TLS download spent 0.5 s of system time per GiB
+    on it (429 MB/s, 1.70 s CPU per GiB). Chunks up to 4 MiB now come from
+    the two arenas, which keep up to 32 MiB free at their top instead of
+    trimming after each chunk (881-905 MB/s, 1.17-1.19 s per GiB); what
+    they keep once transfers stop is given back by L{IdleTrim}. Same as
+    MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
+    without depending on how the daemon is started.
+    """
+    if _libc is None:
+        return
+    _libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    _libc.mallopt(-3, mmapThreshold)  # M_MMAP_THRESHOLD
+    _libc.mallopt(-1, trimThreshold)  # M_TRIM_THRESHOLD
+
+
+def trim() -> bool:
+    """
+    Give the free memory of every arena back to the system
+    (C{malloc_trim(0)}: the top of each heap, and whole free pages inside
+    them).
+
+    @return: whether any memory was released.
+    """
+    if _libc is None:
+        return False
+    return bool(_libc.malloc_trim(0))
+
+
+class IdleTrim(TimerService):
+    """
+    Every C{interval} seconds, if transfers ran since the last look and
+    none runs now, L{trim}: the buffers of a busy hour are not kept for an
+    idle day (a soak left the daemon at 213 MiB idle, 58 MiB before).
+
+    @param busy: callable, whether a transfer runs now.
+    @param activity: callable, a number that changes when transfers run.
+    """
+
+    def __init__(self, busy, activity, interval: float = 10.0,
+                 clock=None):
+        super().__init__(interval, self.check)
+        if clock is not None:
+            self.clock = clock
+        self._busy = busy
+        self._activity = activity
+        self._seen = activity()
+        self.trims = 0
+
+    def check(self) -> None:
+        now = self._activity()
+        if now == self._seen or self._busy():
+            return
+        self._seen = now
+        self.trims += 1
+        trim()
+        _log.debug("Idle: free memory given back to the system")
