@@ -33,7 +33,10 @@ daemon's log, a daemon that stopped answering, or growth after warm-up
 (the first 60 s): last RSS sample > warm-up max + 16 MiB, or last fd
 sample > warm-up max + 8. Loopback only; every loop is bounded by the
 deadline or a retry limit. Also fails if the idle daemon holds more than
-8 fds more after the run than before it. Not part of C{make test}.
+8 fds more after the run than before it, if its RSS under load ever
+reaches 200 MiB, or if its idle RSS 15 s after the run (its idle trim
+runs every 10 s) is more than 64 MiB above its idle RSS before. Not part
+of C{make test}.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ WARMUP = 60.0
 SAMPLE_EVERY = 10.0
 RSS_SLACK = 16 * MiB
 FD_SLACK = 8
+PEAK_RSS = 200 * MiB
+IDLE_SLACK = 64 * MiB
+IDLE_WAIT = 15.0  # the daemon gives freed buffers back within 10 s idle
 
 ABORT_RATE = 0.08
 ZERO_RATE = 0.06
@@ -882,6 +888,8 @@ def main():
             if problem:
                 failures.append(f"daemon does not answer: {problem}")
             server = serverCounts(sock)
+            # Idle now: give the daemon's idle trim its turn.
+            time.sleep(IDLE_WAIT)
             monitor.sample(" (end)")
             for w in workers:
                 status, _, _ = controlRequest(sock, "DELETE",
@@ -945,6 +953,12 @@ def main():
         f"{fdFirst}/{fdPeak}/{fdLast}")
     log(f"idle before/after: RSS {idleStart[1] / MiB:.1f}/"
         f"{idleEnd[1] / MiB:.1f} MiB, fds {idleStart[2]}/{idleEnd[2]}")
+    if rssPeak >= PEAK_RSS:
+        failures.append(f"peak RSS under load {rssPeak / MiB:.1f} MiB >= "
+                        f"{PEAK_RSS / MiB:.0f} MiB")
+    if idleEnd[1] > idleStart[1] + IDLE_SLACK:
+        failures.append(f"idle RSS after {idleEnd[1] / MiB:.1f} MiB > "
+                        f"before {idleStart[1] / MiB:.1f} + 64 MiB")
     if idleEnd[2] > idleStart[2] + FD_SLACK:
         failures.append(f"fds leaked: {idleEnd[2]} open when idle, "
                         f"{idleStart[2]} before")

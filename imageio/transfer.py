@@ -457,6 +457,7 @@ class UploadSink:
         self._pump = _Reentry()
         self.maxPending = 0
         self._attachWaiters: list[defer.Deferred] = []
+        self._drainWaiters: list[defer.Deferred] = []
         if isinstance(backend, defer.Deferred):
             backend.addCallbacks(self._attach, self._openFailed)
         else:
@@ -503,6 +504,27 @@ class UploadSink:
         self._attachWaiters.append(d)
         return d
 
+    def drain(self) -> defer.Deferred:
+        """
+        Write what is buffered now, whatever its size.
+
+        @return: L{Deferred} firing with C{None} once no write is in
+            flight (the upload may have failed meanwhile).
+        """
+        if (self._buffered and self._failure is None
+                and self.backend is not None):
+            self._issue(self._buffered)
+        if not self._writes:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drainWaiters.append(d)
+        return d
+
+    def _drained(self) -> None:
+        if not self._writes and self._drainWaiters:
+            waiters, self._drainWaiters = self._drainWaiters, []
+            fireWaiters(waiters, None)
+
     def _attached(self) -> None:
         waiters, self._attachWaiters = self._attachWaiters, []
         fireWaiters(waiters, None)
@@ -511,7 +533,8 @@ class UploadSink:
         """
         Let a body thread write the rest of the stream to the backend
         itself (the file backend's L{threadTarget}), reporting each piece
-        with L{write}C{(}L{Written}C{)}.
+        with L{write}C{(}L{Written}C{)}. Call after L{drain}, so that the
+        bytes before the thread's are on the backend first.
 
         @return: C{(target, offset)}, the backend's thread target and where
             the thread's first byte goes, or C{None} (the backend cannot,
@@ -689,6 +712,7 @@ class UploadSink:
     def _written(self, _, n: int, started: float) -> None:
         self._inFlight -= n
         self._writes -= 1
+        self._drained()
         self.written += n
         if self._meter is not None:
             self._meter.write(n, time.monotonic() - started)
@@ -702,6 +726,7 @@ class UploadSink:
     def _writeFailed(self, failure: Failure, n: int) -> None:
         self._inFlight -= n
         self._writes -= 1
+        self._drained()
         self._fail(failure)
 
     def _fail(self, failure: Failure) -> None:

@@ -232,13 +232,13 @@ class _Upload:
 
     def whenReady(self):
         """
-        @return: L{Deferred} firing once L{directTarget} can answer (the
-            backend is open).
+        @return: L{Deferred} firing once L{directTarget} can answer: the
+            backend is open, and the bytes received so far are written.
         """
         whenAttached = getattr(self.sink, "whenAttached", None)
         if whenAttached is None:
             return defer.succeed(None)
-        return whenAttached()
+        return whenAttached().addCallback(lambda _: self.sink.drain())
 
     def directTarget(self):
         """
