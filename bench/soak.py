@@ -748,6 +748,35 @@ class Monitor(threading.Thread):
                 f"down={s.bytesDown / MiB:.0f} MiB errors={errors}"
                 f"{extra}{label}")
 
+    def mappings(self, top=6):
+        """
+        Log the daemon's largest resident mappings (where RSS is).
+        """
+        pid = self.daemon_.proc.pid
+        rows = []
+        try:
+            with open(f"/proc/{pid}/smaps") as f:
+                head = None
+                for line in f:
+                    if line[0] in "0123456789abcdef" and "-" in \
+                            line.split()[0]:
+                        parts = line.split()
+                        start, end = (int(x, 16) for x in
+                                      parts[0].split("-"))
+                        head = [end - start,
+                                parts[5] if len(parts) > 5 else "[anon]"]
+                    elif line.startswith("Rss:") and head is not None:
+                        rows.append((int(line.split()[1]) * 1024, *head))
+        except OSError:
+            return
+        rows.sort(reverse=True)
+        total = sum(r[0] for r in rows)
+        anon = sum(r[0] for r in rows if r[2].startswith("["))
+        log(f"mappings: {len(rows)}, rss {total / MiB:.1f} MiB, anonymous/"
+            f"heap {anon / MiB:.1f} MiB; largest: " + ", ".join(
+                f"{r[2]} {r[0] / MiB:.1f}/{r[1] / MiB:.1f} MiB"
+                for r in rows[:top]))
+
     def run(self):
         while not self.stop.wait(SAMPLE_EVERY):
             try:
@@ -891,6 +920,7 @@ def main():
             # Idle now: give the daemon's idle trim its turn.
             time.sleep(IDLE_WAIT)
             monitor.sample(" (end)")
+            monitor.mappings()
             for w in workers:
                 status, _, _ = controlRequest(sock, "DELETE",
                                               f"/tickets/{w.tid}")

@@ -30,6 +30,7 @@ C{test/test_bodywriter.py} that fails if an upgrade changes it.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import select
 import socket
@@ -62,12 +63,12 @@ MAX_WRITERS = 64
 Bodies written by threads at once; more downloads take Twisted's path.
 """
 
-HIGH_WATER = 8 * MiB
+HIGH_WATER = 4 * MiB
 """
 Bytes queued for the thread at which the producer is paused.
 """
 
-LOW_WATER = 4 * MiB
+LOW_WATER = 2 * MiB
 """
 Queued bytes at which a paused producer is resumed.
 """
@@ -112,6 +113,44 @@ behind the cursor.
 _END = object()
 _active = 0
 _activeLock = threading.Lock()
+
+
+class _Buffers:
+    """
+    The threads' buffers: anonymous mappings, reused from one body to the
+    next. Allocated per body from malloc's heap they fragmented it (a
+    soak's idle daemon kept 70 MiB it could not give back).
+    """
+
+    def __init__(self, size: int, keep: int = 8):
+        self.size = size
+        self._keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+                return
+        try:
+            buf.close()
+        except BufferError:
+            pass  # still viewed: unmapped when collected
+
+
+_buffers = _Buffers(_SEND_SIZE + _TLS_SLACK)
+_zeros = memoryview(mmap.mmap(-1, _SEND_SIZE, prot=mmap.PROT_READ))
+"""
+Zeroes for holes, shared: a read-only anonymous mapping, all of it the
+kernel's zero page.
+"""
 
 
 def running() -> int:
@@ -241,7 +280,8 @@ class SocketWriter:
         self._regionFds: list[int] = []
         self._highWater = HIGH_WATER
         self._readBuffer = None
-        self._zeros = None
+        self._outBuffer = None
+        self._outView = None
         self._readWanted = True
         self._savedWrite = None
         self._later: list[bytes] = []
@@ -459,7 +499,9 @@ class SocketWriter:
             poller = select.poll()
             poller.register(self._fd, select.POLLOUT)
             if conn is not None:
-                out = _ffi.new("char[]", _SEND_SIZE + _TLS_SLACK)
+                self._outBuffer = _buffers.take()
+                self._outView = memoryview(self._outBuffer)
+                out = _ffi.from_buffer(self._outBuffer)
                 # pyOpenSSL turns partial writes on: SSL_write would
                 # return after every 16 KiB record (rule 3).
                 _lib.SSL_clear_mode(conn._ssl,
@@ -499,7 +541,17 @@ class SocketWriter:
             self._fd = -1
             for fd in self._regionFds:
                 os.close(fd)
+            self._giveBuffers(out)
             self._reactor.callFromThread(self._threadDone, error)
+
+    def _giveBuffers(self, out) -> None:
+        if out is not None:
+            _ffi.release(out)
+            self._outView.release()
+            _buffers.give(self._outBuffer)
+        if self._readBuffer is not None:
+            _buffers.give(self._readBuffer)
+        self._outBuffer = self._outView = self._readBuffer = None
 
     def _sent(self, n: int) -> None:
         with self._cond:
@@ -554,12 +606,7 @@ class SocketWriter:
                                     _SEND_SIZE + _TLS_SLACK)
                 if got <= 0:
                     break
-                self._sendAll(_ffi.buffer(out, got), poller)
-
-    def _zeroBuffer(self) -> memoryview:
-        if self._zeros is None:
-            self._zeros = memoryview(bytes(_SEND_SIZE))
-        return self._zeros
+                self._sendAll(self._outView[:got], poller)
 
     def _sendRegion(self, region: FileRegion, out, poller) -> None:
         """
@@ -626,7 +673,7 @@ class SocketWriter:
             self._sendTLS(data, out, poller)
 
     def _sendZeros(self, length: int, out, poller) -> None:
-        zeros = self._zeroBuffer()
+        zeros = _zeros
         while length:
             n = min(length, _SEND_SIZE)
             self._send(zeros[:n], out, poller)
@@ -635,7 +682,7 @@ class SocketWriter:
     def _readAndSend(self, fd: int, offset: int, length: int, out,
                      poller) -> None:
         if self._readBuffer is None:
-            self._readBuffer = bytearray(_SEND_SIZE)
+            self._readBuffer = _buffers.take()
         view = memoryview(self._readBuffer)
         end = offset + length
         while offset < end:
