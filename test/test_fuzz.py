@@ -772,3 +772,36 @@ async def test_plus_content_length(servers):
              body=b"abc")], wait=5)
     assert r.statuses == [200], r
     assert bytes(servers.images.images["t1"][:3]) == b"abc"
+
+
+# ---------------------------------------------------------------------------
+# Texts of the reference
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_json_message_text(servers):
+    r = await threads.deferToThread(
+        exchange, servers.ports[0],
+        [req(b"PATCH", headers=[b"Content-Length: 1", b"Connection: close"],
+             body=b"{")], wait=5)
+    assert r.statuses == [400], r
+    body = r.data.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b"Invalid JSON message Expecting property name"), r
+
+
+@pytest.mark.parametrize("target", [b"Ximages/t1", b"*images/t1",
+                                    b"images/t1"])
+@pytest_twisted.ensureDeferred
+async def test_images_target_without_slash(servers, target):
+    # The ticket exists: a target that lost its first byte would serve it.
+    for method, extra, body in [
+            (b"GET", [], b""), (b"PUT", [b"Content-Length: 3"], b"abc"),
+            (b"PUT", [b"Content-Length: 200000"], b"x" * 200000),
+            (b"OPTIONS", [], b"")]:
+        r = await threads.deferToThread(
+            exchange, servers.ports[0],
+            [req(method, target, headers=extra + [b"Connection: close"],
+                 body=body)], wait=5)
+        assert r.statuses == [404], (method, r)
+        assert r.data.endswith(b"No handler for '%s'\n" % target), r
+    assert bytes(servers.images.images["t1"][:3]) == b"\0\0\0"

@@ -311,18 +311,19 @@ def queryArgs(request) -> dict[str, str]:
         raise errors.BadRequest("Invalid query string: not UTF-8")
 
 
-def readJSON(request, what: str = "message"):
+def readJSON(request, prefix: str = "Invalid JSON message "):
     """
     Decode a (small, already received) JSON request body into an object.
 
-    @raise errors.BadRequest: with the reference's text for bad JSON, or for
-        a document that is not a JSON object (SPEC A17).
+    @param prefix: the text before the decoder's message in the error, as
+        the reference words it for this request.
+    @raise errors.BadRequest: the body is not JSON (SPEC A17).
     """
     data = request.content.read() if request.content is not None else b""
     try:
         obj = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise errors.BadRequest(f"Invalid JSON {what}: {e}")
+        raise errors.BadRequest(f"{prefix}{e}")
     return obj
 
 
@@ -373,6 +374,11 @@ class Request(server.Request):
             if self.method not in ALLOWED_METHODS:
                 raise errors.MethodNotAllowed(
                     f"Invalid method {_method(self)!r}")
+            if not self.path.startswith(b"/"):
+                # "*", "Ximages/x", an absolute URI: no route matches (the
+                # tree below would route it without its first byte).
+                raise errors.NotFound(
+                    f"No handler for {requestPath(self)!r}")
             resrc = self.site.getResourceFor(self)
             body = resrc.render(self)
             if body is NOT_DONE_YET:

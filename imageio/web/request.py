@@ -31,7 +31,8 @@ from imageio.logs import Logger
 from imageio import errors
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
-from imageio.web.http import SERVER, Channel, Request, errorResponse
+from imageio.web.http import (
+    SERVER, Channel, Request, errorResponse, requestPath)
 
 __all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
            "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "PLAIN_RECEIVE_SIZE",
@@ -365,6 +366,10 @@ class StreamingRequest(Request):
                 f"{self.maxBufferedBody}")))
 
     def _routeBody(self, length):
+        if not self.path.startswith(b"/"):
+            # As Request.process: no route matches.
+            raise errors.NotFound(
+                f"No handler for {requestPath(self)!r}", close=True)
         site = self.channel.site
         self.prepath = []
         self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))
