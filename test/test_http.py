@@ -323,3 +323,25 @@ def test_tickets_without_slash():
     assert resp.body.startswith(b"Ticket is not in a json format: Expecting")
     resp, _ = get(site, b"PATCH", b"/tickets/t", body=b"{")
     assert resp.body.startswith(b"Invalid patch: Expecting")
+
+
+def test_negative_ticket_timeout():
+    # As the reference: accepted, and the (expired) ticket reads back.
+    from imageio.tickets import TicketStore
+    from imageio.web.tickets import Tickets
+    clock = task.Clock()
+    clock.advance(1000)
+    store = TicketStore(clock)
+    root = ihttp.Root()
+    root.putChild(b"tickets", Tickets(store))
+    site = ihttp.makeSite(root, reactor=clock)
+    body = json.dumps({"uuid": "t", "size": 1, "ops": ["read"],
+                       "timeout": -1, "url": "file:///x"}).encode()
+    resp, _ = get(site, b"PUT", b"/tickets/t", body=body)
+    assert resp.status == 200, resp.body
+    resp, _ = get(site, b"GET", b"/tickets/t")
+    assert resp.status == 200
+    info = json.loads(resp.body)
+    assert info["timeout"] == -1 and info["expires"] == 999
+    with pytest.raises(errors.Forbidden):
+        store.authorize("t", "read")
