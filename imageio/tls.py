@@ -45,11 +45,27 @@ def _readPEM(path: str, what: str) -> bytes:
         raise TLSError(f"cannot read TLS {what} {path!r}: {e.strerror}")
 
 
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""
+The TLS 1.2 suites offered: forward secret (ECDHE) and AEAD (AES-GCM,
+ChaCha20-Poly1305) only, as the reference's. Twisted's default list also
+takes RSA key exchange, finite-field DHE and CBC suites. TLS 1.3 suites are
+OpenSSL's (all forward secret and AEAD); this list does not touch them.
+"""
+
+CIPHERS_TLS1_1 = CIPHERS + ":ECDHE+AES:@SECLEVEL=0"
+"""
+The suites with C{[tls] enable_tls1_1}: TLS 1.1 has no AEAD suite, so the
+ECDHE CBC suites are added (still forward secret); the security level is
+lowered, or OpenSSL refuses TLS 1.1 whatever the minimum version.
+"""
+
+
 def tlsOptions(tls) -> ssl.CertificateOptions:
     """
     Server TLS options: minimum TLS 1.2, or 1.1 with C{enable_tls1_1};
-    never TLS 1.0 (SPEC A3). Twisted's default ciphers (ECDHE with AES-GCM
-    or ChaCha20, server preference).
+    never TLS 1.0 (SPEC A3). TLS 1.2 suites from L{CIPHERS}, server
+    preference.
 
     @param tls: the C{[tls]} section, or a L{TLSFiles}.
     @raise TLSError: the key or certificate is missing or unreadable.
@@ -86,13 +102,13 @@ def tlsOptions(tls) -> ssl.CertificateOptions:
             extraCertChain=[c.to_cryptography() for c in certs[1:]] or None,
             **kw)
         ctx = opts.getContext()
+        # CertificateOptions keeps only the suites it knows and drops
+        # @SECLEVEL from a cipher string: set the list on the (cached)
+        # context itself.
+        ctx.set_cipher_list(
+            (CIPHERS_TLS1_1 if tls.enable_tls1_1 else CIPHERS).encode())
     except Exception as e:
         raise TLSError(f"invalid TLS configuration: {e}")
-    if tls.enable_tls1_1:
-        # OpenSSL's security level refuses TLS 1.1 even when the minimum
-        # version allows it; CertificateOptions drops @SECLEVEL from its
-        # cipher strings, so set it on the (cached) context itself.
-        ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     return opts
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,10 +47,11 @@ def _write(path, data):
 
 
 def makePKI(directory, hosts=("localhost", "127.0.0.1", "::1"),
-            caName="imageio test CA", prefix=""):
+            caName="imageio test CA", prefix="", keyType="ec"):
     """
     A CA and a server certificate for C{hosts} (DNS and IP SANs), written
-    as PEM files in C{directory}.
+    as PEM files in C{directory}. The server key is EC P-256, or RSA 2048
+    with C{keyType="rsa"}.
     """
     os.makedirs(directory, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -66,7 +67,10 @@ def makePKI(directory, hosts=("localhost", "127.0.0.1", "::1"),
         .add_extension(x509.BasicConstraints(ca=True, path_length=None),
                        critical=True)
         .sign(caKey, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
+    if keyType == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     sans = []
     for h in hosts:
         try:

@@ -365,3 +365,80 @@ def test_tls_server_cipher_list(daemon):
         for weak in ("RC4", "DES", "NULL", "EXP", "MD5", "ADH", "AECDH",
                      "anon", "PSK", "SRP"):
             assert weak not in name, names
+
+
+# TLS 1.2 suites: forward-secret AEAD only (ECDHE with AES-GCM or
+# ChaCha20-Poly1305), as the reference. An RSA server key too, so that the
+# RSA key-exchange suites can be offered at all.
+
+
+@pytest.fixture(scope="module")
+def rsaDaemon(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("rsadaemon"))
+    pki = support.makePKI(os.path.join(tmp, "pki"), keyType="rsa")
+    conf = os.path.join(tmp, "conf")
+    support.writeConf(conf, support.daemonConf(tmp, pki))
+    d = support.Daemon(conf)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+REFUSED_TLS12 = {
+    "rsa": ["AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256",
+            "AES256-GCM-SHA384", "AES128-SHA256", "AES128-CCM",
+            "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-CHACHA20-POLY1305",
+            "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384"],
+    "ec": ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA",
+           "ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384",
+           "ECDHE-ECDSA-AES128-CCM", "ECDHE-ECDSA-AES256-CCM"],
+}
+ACCEPTED_TLS12 = {
+    "rsa": ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-CHACHA20-POLY1305"],
+    "ec": ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+           "ECDHE-ECDSA-CHACHA20-POLY1305"],
+}
+
+
+def _tls12(request, key, cipher):
+    d = request.getfixturevalue("rsaDaemon" if key == "rsa" else "daemon")
+    out = subprocess.run([OPENSSL, "ciphers", f"{cipher}:@SECLEVEL=0"],
+                         capture_output=True)
+    assert out.returncode == 0, f"the client cannot offer {cipher}"
+    return _sclient(d.remotePort, "-tls1_2", "-cipher",
+                    f"{cipher}:@SECLEVEL=0")
+
+
+@pytest.mark.parametrize("key,cipher", [
+    (k, c) for k, cs in REFUSED_TLS12.items() for c in cs])
+def test_tls12_refused_suites(request, key, cipher):
+    ok, out = _tls12(request, key, cipher)
+    assert not ok, out
+    assert "alert" in out or "handshake failure" in out, out
+
+
+@pytest.mark.parametrize("key,cipher", [
+    (k, c) for k, cs in ACCEPTED_TLS12.items() for c in cs])
+def test_tls12_accepted_suites(request, key, cipher):
+    ok, out = _tls12(request, key, cipher)
+    assert ok, out
+    assert cipher in out, out
+
+
+def test_tls12_server_cipher_list(daemon):
+    # Whatever the local client can offer: every TLS 1.2 suite the server
+    # would take is ECDHE with an AEAD cipher.
+    from OpenSSL import SSL
+
+    from imageio.config import TLS
+    from imageio.tls import tlsOptions
+    opts = tlsOptions(TLS(enable=True, key_file=daemon.pki.key,
+                          cert_file=daemon.pki.cert))
+    names = SSL.Connection(opts.getContext(), None).get_cipher_list()
+    tls12 = [n for n in names if not n.startswith("TLS_")]
+    assert tls12
+    for name in tls12:
+        assert name.startswith("ECDHE-"), names
+        assert "GCM" in name or "CHACHA20-POLY1305" in name, names
