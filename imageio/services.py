@@ -355,12 +355,26 @@ class ImageioService(service.MultiService):
 
     def installSignalHandlers(self) -> None:
         """
-        SIGHUP reloads the TLS files. Only the twistd plugin calls this:
-        signal handlers are process-global.
+        SIGHUP reloads the TLS files, and a clean stop on SIGTERM exits
+        with status 0. Only the twistd plugin calls this: signal handlers
+        are process-global.
         """
         def onSIGHUP(signum, frame):
             self.reactor.callFromThread(self.reloadTLS)
         signal.signal(signal.SIGHUP, onSIGHUP)
+        self.reactor.addSystemEventTrigger(
+            "after", "shutdown", self._cleanExit)
+
+    def _cleanExit(self) -> None:
+        # Twisted 26.10: the reactor's sigTerm stores the signal in
+        # _exitSignal, and twistd kills itself with it once the reactor
+        # has stopped, so a stop that went well read as "killed by
+        # SIGTERM" (status -15/143) to anything but systemd. This trigger
+        # runs only once every service stopped: SIGTERM is then the normal
+        # way to stop (as the reference, which exits 0). SIGINT keeps
+        # Twisted's behaviour. Guarded by test_daemon.test_sigterm_exit_0.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
     def startService(self):
         super().startService()
