@@ -442,3 +442,122 @@ def test_tls12_server_cipher_list(daemon):
     for name in tls12:
         assert name.startswith("ECDHE-"), names
         assert "GCM" in name or "CHACHA20-POLY1305" in name, names
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+@pytest_twisted.ensureDeferred
+async def test_chunked_overflow_loop(server, bigFile, kind):
+    # Whether the overrun is seen while the body arrives (early answer) or
+    # once it all arrived (the renderer answers): 416 every time, never a
+    # 500 or a logged traceback.
+    from twisted.logger import LogLevel, globalLogPublisher
+    path, original = bigFile
+    if kind == "memory":
+        server.addTicket("m1", size=TICKET_SIZE)
+    ticket = "t1" if kind == "file" else "m1"
+    events = []
+
+    def observe(event):
+        if "log_failure" in event or event.get("log_level") in (
+                LogLevel.error, LogLevel.critical):
+            events.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for i in range(40):
+            # A chunk inside the range (its write may still be in flight
+            # when the next chunk overruns), then the overrunning chunk and
+            # the last chunk, all in one small body.
+            first = b"E" * (4096 + 512 * (i % 8))
+            second = b"E" * (20 + i % 7)
+            body = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
+                            for c in (first, second)) + b"0\r\n\r\n"
+            offset = TICKET_SIZE - len(first) - 10
+            client = await connect(server.address)
+            try:
+                # The connection's backend is open: the first chunk's
+                # write starts at once.
+                r = await client.request("PUT", f"/images/{ticket}",
+                                         {"Content-Range": "bytes 0-*/*"},
+                                         b"E")
+                assert r.status == 200, r
+                r = await client.request(
+                    "PUT", f"/images/{ticket}",
+                    {"Transfer-Encoding": "chunked",
+                     "Content-Range": f"bytes {offset}-*/*"}, body)
+            finally:
+                client.transport.loseConnection()
+            assert r.status == 416, (i, r)
+            assert r.headers["content-range"] == f"bytes */{TICKET_SIZE}"
+            assert r.body == b"Requested range out of allowed range\n"
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not events, [e.get("log_format") for e in events]
+    assert path.read_bytes()[TICKET_SIZE:] == original[TICKET_SIZE:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_overflow_after_body(server, monkeypatch):
+    # The overrun is found while a write is in flight, and the body ends
+    # before that write returns: the renderer answers. It answered 500
+    # with a critical traceback (_Upload.wait called _translate(None)).
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from imageio.web.request import StreamingRequest
+    from test.test_images import sleep
+    complete = []
+    original = StreamingRequest.requestReceived
+
+    def requestReceived(self, *args):
+        complete.append(self)
+        return original(self, *args)
+    monkeypatch.setattr(StreamingRequest, "requestReceived", requestReceived)
+    events = []
+
+    def observe(event):
+        if "log_failure" in event or event.get("log_level") in (
+                LogLevel.error, LogLevel.critical):
+            events.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        size = 3 * MiB
+        for i in range(10):
+            server.addTicket("t1", size=size)
+            server.holds["t1"] = ["write"]
+            server.opened.clear()
+            complete.clear()
+            client = await connect(server.address)
+            try:
+                d = client.request("PUT", "/images/t1",
+                                   {"Transfer-Encoding": "chunked"},
+                                   b"", send=False)
+                # A write's worth (the backend's 1 MiB requests) and more.
+                first = b"E" * (2 * MiB + i)
+                client.transport.write(b"%x\r\n%s\r\n" % (len(first), first))
+                for _ in range(2000):
+                    if server.opened and server.opened[0].pending:
+                        break
+                    await sleep(0.005)
+                else:
+                    raise AssertionError("no write in flight")
+                # Overruns the ticket by 10 bytes, then ends the body.
+                second = b"E" * (size - len(first) + 10)
+                client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n"
+                                       % (len(second), second))
+                for _ in range(2000):
+                    if complete:
+                        break
+                    await sleep(0.005)
+                else:
+                    raise AssertionError("the body did not end")
+                server.opened[0].release()
+                r = await d
+                assert r.status == 416, (i, r)
+                assert r.body == b"Requested range out of allowed range\n"
+                assert r.headers["content-range"] == f"bytes */{size}"
+            finally:
+                client.transport.loseConnection()
+            # Nothing past the range; only the bytes of the first chunk.
+            assert len(server.images["t1"]) == size
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not events, [e.get("log_format") for e in events]

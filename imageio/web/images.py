@@ -221,9 +221,12 @@ class _Upload:
 
     def _translate(self, failure):
         if failure.check(transfer.LimitExceeded):
-            return errors.RangeNotSatisfiable(
-                "Requested range out of allowed range", self.ticket.size)
+            return self._outOfRange()
         return failure
+
+    def _outOfRange(self) -> errors.HTTPError:
+        return errors.RangeNotSatisfiable(
+            "Requested range out of allowed range", self.ticket.size)
 
     # Sink interface for StreamingRequest.
 
@@ -243,7 +246,9 @@ class _Upload:
         try:
             return await self.sink.whenDone()
         except transfer.LimitExceeded:
-            raise self._translate(None) from None
+            # The overrun was found while a write was in flight and the
+            # body ended before it returned: the renderer answers.
+            raise self._outOfRange() from None
 
 
 class _Handler(Resource):
