@@ -342,16 +342,21 @@ class ImageioService(service.MultiService):
             sys.stderr.write(f"imageio: {e}\n")
             raise SystemExit(1)
 
-    def reloadTLS(self) -> bool:
+    def reloadTLS(self) -> defer.Deferred:
         """
         Reload the remote service's key and certificate (on SIGHUP), here
-        and in the worker processes.
+        and in the worker processes; the files are read off the reactor
+        thread (L{ReloadableTLS.reload}).
+
+        @return: L{Deferred} firing with whether this process uses the new
+            files.
         """
         if self.tls is None:
-            return False
+            return defer.succeed(False)
         if self.pool is not None:
-            self.pool.reloadTLS()
-        return self.tls.reload()
+            self.pool.reloadTLS().addErrback(lambda f: _log.failure(
+                "Reloading TLS in the workers failed", f))
+        return self.tls.reload(self.reactor)
 
     def installSignalHandlers(self) -> None:
         """

@@ -6,16 +6,25 @@ whose key and certificate can be replaced while running.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from OpenSSL import crypto
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.logs import Logger
 
-__all__ = ["TLSError", "TLSFiles", "tlsOptions", "ReloadableTLS"]
+__all__ = ["TLSError", "TLSFiles", "tlsOptions", "ReloadableTLS",
+           "RELOAD_TIMEOUT"]
+
+RELOAD_TIMEOUT = 10
+"""
+Seconds a reload may take to read the key and certificate files before it
+is given up (the old ones stay in use).
+"""
 
 _log = Logger()
 
@@ -120,28 +129,74 @@ class ReloadableTLS:
     handshake; connections already open keep theirs.
 
     @ivar options: the current L{ssl.CertificateOptions}.
+    @ivar _reader: the thread of the last reload, or C{None}.
     """
 
     def __init__(self, tls):
         self._tls = tls
         self.options = tlsOptions(tls)
+        self._reader: threading.Thread | None = None
 
-    def reload(self) -> bool:
+    def reload(self, reactor=None,
+               timeout: float = RELOAD_TIMEOUT) -> defer.Deferred:
         """
-        Read the key and certificate files again. On failure the old ones
-        stay in use and the error is logged.
+        Read the key and certificate files again, in a thread of its own:
+        a file that blocks (a FIFO, a hung mount) must not stop the
+        reactor. On failure, or if reading takes more than C{timeout}
+        seconds, the old files stay in use and the error is logged. While
+        a reload that timed out is still blocked, later ones fail at once
+        (one stuck thread at most).
 
-        @return: whether the new files are in use.
+        @return: L{Deferred} firing with whether the new files are in use.
         """
-        try:
-            self.options = tlsOptions(self._tls)
-        except TLSError as e:
+        if reactor is None:
+            from twisted.internet import reactor
+        if self._reader is not None and self._reader.is_alive():
+            _log.error("TLS reload failed, keeping the old certificate: an "
+                       "earlier reload is still reading {key} or {cert}",
+                       key=self._tls.key_file, cert=self._tls.cert_file)
+            return defer.succeed(False)
+        done = defer.Deferred()
+
+        def read():
+            try:
+                result = tlsOptions(self._tls)
+            except Exception:
+                result = Failure()
+            reactor.callFromThread(finish, result)
+
+        def finish(result):
+            if done.called:
+                _log.info("TLS reload that timed out ended; its result is "
+                          "ignored")
+                return
+            timer.cancel()
+            if isinstance(result, Failure):
+                error = (result.value if result.check(TLSError)
+                         else result.getErrorMessage())
+                _log.error("TLS reload failed, keeping the old certificate: "
+                           "{error}", error=error)
+                done.callback(False)
+                return
+            self.options = result
+            _log.info("TLS key and certificate reloaded from {cert}",
+                      cert=self._tls.cert_file)
+            done.callback(True)
+
+        def timedOut():
             _log.error("TLS reload failed, keeping the old certificate: "
-                       "{error}", error=e)
-            return False
-        _log.info("TLS key and certificate reloaded from {cert}",
-                  cert=self._tls.cert_file)
-        return True
+                       "reading {key} and {cert} took more than {timeout} s",
+                       key=self._tls.key_file, cert=self._tls.cert_file,
+                       timeout=timeout)
+            done.callback(False)
+
+        timer = reactor.callLater(timeout, timedOut)
+        # A daemon thread: a read that never returns must not keep the
+        # process from exiting (a pool thread would be joined on stop).
+        self._reader = threading.Thread(target=read, daemon=True,
+                                        name="imageio-tls-reload")
+        self._reader.start()
+        return done
 
     def serverConnectionForTLS(self, protocol):
         return self.options.serverConnectionForTLS(protocol)

@@ -314,17 +314,21 @@ class _Hub:
     def ticket(self, gen: int):
         return self._tickets.get(gen)
 
-    def broadcast(self, command, **kw) -> defer.Deferred:
+    def broadcast(self, command, track: bool = True,
+                  **kw) -> defer.Deferred:
         """
         Send C{command} to every worker.
 
+        @param track: L{flush} waits for the answers (ticket changes);
+            false for commands that may take long and that no control
+            request waits for (L{ReloadTLS}).
         @return: L{Deferred} firing when every worker answered or went
             away.
         """
         ds = [w.callRemote(command, **kw).addErrback(lambda _: None)
               for w in list(self.workers)]
         d = defer.DeferredList(ds)
-        if not d.called:
+        if track and not d.called:
             self._pending.add(d)
             d.addBoth(lambda r: (self._pending.discard(d), r)[1])
         return d
@@ -554,7 +558,9 @@ class WorkerPool(service.Service):
             delay, self._spawn, index)
 
     def reloadTLS(self) -> defer.Deferred:
-        return self.hub.broadcast(ReloadTLS)
+        # Each worker reads the files off its reactor thread, within
+        # tls.RELOAD_TIMEOUT; ticket changes do not wait for it.
+        return self.hub.broadcast(ReloadTLS, track=False)
 
     def stopService(self):
         super().stopService()
@@ -805,7 +811,9 @@ class _WorkerSide(amp.AMP):
     @ReloadTLS.responder
     def _reloadTLS(self):
         tls = self.worker.tls
-        return {"reloaded": tls.reload() if tls is not None else False}
+        if tls is None:
+            return {"reloaded": False}
+        return tls.reload().addCallback(lambda ok: {"reloaded": ok})
 
 
 class WorkerService(service.MultiService):

@@ -605,6 +605,67 @@ def test_sighup_with_broken_files_keeps_old_certificate(tmp_path, pki):
         d.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_fifo_key_does_not_hang(tmp_path, pki, workers):
+    """
+    A key_file replaced by a FIFO blocks whoever opens it. The reload reads
+    it off the reactor thread: the control API and TLS keep answering, and
+    once the FIFO gives the key the reload completes.
+    """
+    import time
+    files = makePKI(str(tmp_path / "live"))
+    conf = str(tmp_path / "conf")
+    writeConf(conf, daemonConf(str(tmp_path), files,
+                               extra={"daemon": {"workers": workers}}))
+    d = Daemon(conf)
+    key = open(files.key, "rb").read()
+    try:
+        # Workers read the files when they start: wait until they did.
+        deadline = time.monotonic() + 20
+        while workers > 1 and d.output().count(" serving") < workers:
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+        os.unlink(files.key)
+        os.mkfifo(files.key)
+        d.proc.send_signal(1)
+        sock = controlSocket(tmp_path)
+        started = time.monotonic()
+        for _ in range(3):
+            status, _, _ = controlRequest(sock, "GET", "/tickets/nosuch")
+            assert status == 404
+            con = httpsConnection(d.remotePort, files.ca, timeout=5)
+            assert request(con, "GET", "/info/")[0] == 200
+            con.close()
+        assert time.monotonic() - started < 5
+        assert d.proc.poll() is None
+        # Feed the key to the readers (one per process serving TLS) until
+        # each reload ended (two readers of one FIFO may share a write, so
+        # one of them may read a broken key: a failed reload, logged).
+        def ended():
+            out = d.output()
+            return (out.count("TLS key and certificate reloaded")
+                    + out.count("TLS reload failed"))
+        deadline = time.monotonic() + 20
+        while ended() < workers:
+            assert time.monotonic() < deadline, d.output()
+            try:
+                fd = os.open(files.key, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                # No reader yet.
+                time.sleep(0.05)
+                continue
+            try:
+                os.write(fd, key)
+            finally:
+                os.close(fd)
+            time.sleep(0.05)
+        con = httpsConnection(d.remotePort, files.ca, timeout=5)
+        assert request(con, "GET", "/info/")[0] == 200
+        con.close()
+    finally:
+        assert d.stop() == 0, d.output()
+
+
 @pytest.mark.parametrize("abstract", [False, True])
 def test_systemd_ready_notification(tmp_path, pki, abstract):
     """
