@@ -24,8 +24,8 @@ from imageio.backends.file import FileBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent
 from imageio.units import KiB, MiB
+from test import support
 
-REFERENCE_PYTHON = "/tmp/refvenv/bin/python"
 SHM = "/dev/shm"
 
 
@@ -132,10 +132,9 @@ print(json.dumps(result))
 
 
 def runReference(path, ops, sparse=False):
-    if not os.access(REFERENCE_PYTHON, os.X_OK):
-        pytest.skip("reference ovirt-imageio not installed")
+    # IMAGEIO_REFVENV (make test sets it); a failure in CI when missing.
     out = subprocess.run(
-        [REFERENCE_PYTHON, "-c", _REFERENCE_SCRIPT],
+        [support.referencePython(), "-c", _REFERENCE_SCRIPT],
         input=json.dumps({"path": str(path), "ops": ops, "sparse": sparse}),
         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -786,3 +785,19 @@ async def test_zero_sparse_large_step(tmp_path, pool, backends):
     await b.zero(0, b.maxZeroStep)
     assert os.path.getsize(path) == size
     assert allocated(path) == 0
+
+
+def test_reference_from_env(monkeypatch, tmp_path):
+    # IMAGEIO_REFVENV names the reference; missing, CI fails (no skip).
+    monkeypatch.setenv("IMAGEIO_REFVENV", str(tmp_path / "none"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        support.referencePython()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        support.referencePython()
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, venv / "bin" / "python")
+    monkeypatch.setenv("IMAGEIO_REFVENV", str(venv))
+    assert support.referencePython() == str(venv / "bin" / "python")
