@@ -96,8 +96,36 @@ class _NoAnswer(amp.Command):
     requiresAnswer = False
 
 
+class _BigUnicode(amp.Argument):
+    """
+    A text of any length. An AMP value holds at most 64 KiB
+    (C{amp.MAX_VALUE_LENGTH}), and a ticket is as long as the control API
+    accepts (a 70 kB url or filename made C{AddTicket} fail with
+    C{TooLong}): the UTF-8 bytes are split over the keys C{name},
+    C{name.1}, C{name.2}...
+    """
+
+    def fromBox(self, name, strings, objects, proto):
+        parts = [strings[name]]
+        i = 1
+        while True:
+            key = b"%s.%d" % (name, i)
+            if key not in strings:
+                break
+            parts.append(strings[key])
+            i += 1
+        objects[name.decode("ascii")] = b"".join(parts).decode("utf-8")
+
+    def toBox(self, name, strings, objects, proto):
+        data = objects[name.decode("ascii")].encode("utf-8")
+        size = amp.MAX_VALUE_LENGTH
+        strings[name] = data[:size]
+        for i, start in enumerate(range(size, len(data), size), 1):
+            strings[b"%s.%d" % (name, i)] = data[start:start + size]
+
+
 class AddTicket(amp.Command):
-    arguments = [(b"gen", amp.Integer()), (b"ticket", amp.Unicode()),
+    arguments = [(b"gen", amp.Integer()), (b"ticket", _BigUnicode()),
                  (b"expires", amp.Integer()), (b"canceled", amp.Boolean())]
 
 
@@ -325,8 +353,7 @@ class _Hub:
         @return: L{Deferred} firing when every worker answered or went
             away.
         """
-        ds = [w.callRemote(command, **kw).addErrback(lambda _: None)
-              for w in list(self.workers)]
+        ds = [self._send(w, command, kw) for w in list(self.workers)]
         d = defer.DeferredList(ds)
         if track and not d.called:
             self._pending.add(d)
@@ -343,12 +370,24 @@ class _Hub:
             error=f.getErrorMessage()))
         return d.addCallback(lambda _: None)
 
+    def _send(self, worker: _MainSide, command, kw: dict) -> defer.Deferred:
+        # A worker that went away answers nothing, and that is fine; any
+        # other failure (sending raises synchronously for a value AMP
+        # cannot carry) is logged, never raised into the caller (a control
+        # request or a worker's Hello).
+        try:
+            d = worker.callRemote(command, **kw)
+        except Exception:
+            _log.failure("Sending {command} to worker {index} failed",
+                         command=command.__name__, index=worker.index)
+            return defer.succeed(None)
+        return d.addErrback(lambda _: None)
+
     def hello(self, worker: _MainSide) -> None:
         # The snapshot goes out before the Hello answer, and the worker is
         # a broadcast target from now on: it misses nothing.
         for ticket in self.store.snapshot():
-            worker.callRemote(AddTicket, **_addArgs(ticket)).addErrback(
-                lambda _: None)
+            self._send(worker, AddTicket, _addArgs(ticket))
         self.workers.add(worker)
         waiters, self._readyWaiters = self._readyWaiters, []
         for n, d in waiters:

@@ -224,7 +224,11 @@ class Daemon:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            m = pattern.search(line)
+            # The substring test first: the pattern backtracks
+            # quadratically on a long line of word characters (a 70 kB
+            # transfer id in a log line held the GIL for minutes).
+            m = pattern.search(line) if "service listening on" in line \
+                else None
             if m:
                 self.addresses[m.group(1)] = m.group(2)
             if "imageio ready" in line:
