@@ -262,9 +262,9 @@ class ImageioService(service.MultiService):
                       else tickets.TicketStore)
         self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
-        # Per process: with workers, /metrics shows the main process's
-        # requests (control) and the ticket gauges, not the workers'
-        # transfers (not aggregated yet).
+        # With workers, /metrics adds the workers' counters and histograms
+        # (asked at scrape time) to the main process's (control requests,
+        # ticket gauges).
         self.metrics = Metrics(self.store)
         self.threadpool = ThreadPool(
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
@@ -283,6 +283,11 @@ class ImageioService(service.MultiService):
                 reactor, self.store.hub, self.workers, confDir,
                 imageListeners)
             self.pool.setServiceParent(self)
+
+    def _workerSamples(self) -> defer.Deferred:
+        if self.pool is None:
+            return defer.succeed([])
+        return self.pool.metricsSamples()
 
     def _imagesSite(self, name, withInfo):
         if self.workers > 1:
@@ -313,7 +318,8 @@ class ImageioService(service.MultiService):
         root = Root()
         root.putChild(b"tickets", Tickets(
             self.store, removeTimeout=cfg.control.remove_timeout))
-        root.putChild(b"metrics", MetricsPage(self.metrics))
+        root.putChild(b"metrics", MetricsPage(
+            self.metrics, gather=self._workerSamples))
         site = makeSite(root, reactor=self.reactor, timeout=60)
         self.metrics.instrument(site, "control")
         if cfg.control.transport == "tcp":

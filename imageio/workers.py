@@ -154,6 +154,11 @@ class ReloadTLS(amp.Command):
     response = [(b"reloaded", amp.Boolean())]
 
 
+class GetMetrics(amp.Command):
+    arguments: list = []
+    response = [(b"samples", _BigUnicode())]
+
+
 class Hello(amp.Command):
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
 
@@ -596,6 +601,29 @@ class WorkerPool(service.Service):
         self._restarts[index] = self.reactor.callLater(
             delay, self._spawn, index)
 
+    def metricsSamples(self) -> defer.Deferred:
+        """
+        @return: L{Deferred} firing with the L{Metrics.samples} of every
+            worker that answered within L{_SYNC_TIMEOUT} seconds (a list of
+            them); a worker that does not is left out and logged.
+        """
+        def ask(worker):
+            try:
+                d = worker.callRemote(GetMetrics)
+            except Exception:
+                _log.failure("Asking worker {index} for metrics failed",
+                             index=worker.index)
+                return defer.succeed(None)
+            d.addTimeout(_SYNC_TIMEOUT, self.reactor)
+            d.addCallback(lambda r: json.loads(r["samples"]))
+            d.addErrback(lambda f: _log.warn(
+                "Worker {index} sent no metrics: {error}",
+                index=worker.index, error=f.getErrorMessage()))
+            return d
+        ds = [ask(w) for w in list(self.hub.workers)]
+        d = defer.gatherResults(ds) if ds else defer.succeed([])
+        return d.addCallback(lambda results: [r for r in results if r])
+
     def reloadTLS(self) -> defer.Deferred:
         # Each worker reads the files off its reactor thread, within
         # tls.RELOAD_TIMEOUT; ticket changes do not wait for it.
@@ -814,6 +842,10 @@ class _WorkerSide(amp.AMP):
         self.worker.store.install(gen, json.loads(ticket), expires, canceled)
         return {}
 
+    @GetMetrics.responder
+    def _metrics(self):
+        return {"samples": json.dumps(self.worker.metrics.samples())}
+
     @SetExpires.responder
     def _setExpires(self, gen, expires):
         ticket = self.worker.store.byGen(gen)
@@ -878,6 +910,11 @@ class WorkerService(service.MultiService):
             name="imageio-io")
         self.tls = None
         self.ports: list = []
+        # This worker's requests, bytes and latencies; the main process
+        # adds them to its /metrics. No ticket gauges (the main process's
+        # store has them) and no process_* series (the main process's).
+        from imageio.metrics import Metrics
+        self.metrics = Metrics(process=False)
 
     def startService(self):
         super().startService()
@@ -893,7 +930,9 @@ class WorkerService(service.MultiService):
         for n, fd in enumerate([_FD_REMOTE, _FD_LOCAL][:self.listeners]):
             remote = n == 0
             factory = imagesSite(self.store, cfg, self.reactor,
-                                 self.threadpool, withInfo=remote)
+                                 self.threadpool, withInfo=remote,
+                                 metrics=self.metrics,
+                                 name="remote" if remote else "local")
             if remote and cfg.tls.enable:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
                 from imageio.tls import ReloadableTLS

@@ -408,3 +408,60 @@ def test_hub_survives_send_failures():
     objects = {}
     arg.fromBox(b"ticket", strings, objects, None)
     assert objects["ticket"] == text
+
+
+# /metrics adds up the workers' counters and histograms.
+
+def _metric(text, name, **labels):
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(
+                name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+def test_metrics_aggregated_over_workers(tmp_path, pki):
+    d = start(tmp_path, pki)
+    try:
+        path = makeImage(tmp_path, 4 * MiB)
+        ticket = {"uuid": "t1", "size": 4 * MiB, "ops": ["read", "write"],
+                  "timeout": 300, "url": "file://" + path}
+        assert controlRequest(sock(tmp_path), "PUT", "/tickets/t1",
+                              ticket)[0] == 200
+        n = 16
+        for _ in range(n):
+            con = httpsConnection(d.remotePort, pki.ca)
+            try:
+                status, _, body = request(con, "GET", "/images/t1", None,
+                                          {"Range": "bytes=0-65535"})
+                assert status == 206
+                status, _, _ = request(con, "PUT", "/images/t1?flush=n",
+                                       b"x" * 4096)
+                assert status == 200
+            finally:
+                con.close()
+        status, headers, body = controlRequest(sock(tmp_path), "GET",
+                                               "/metrics")
+        assert status == 200
+        text = body.decode()
+        assert _metric(text, "imageio_requests_total", service="remote",
+                       method="GET", status="206") == n
+        assert _metric(text, "imageio_requests_total", service="remote",
+                       method="PUT", status="200") == n
+        assert _metric(text, "imageio_bytes_total", backend="file",
+                       direction="read") == n * 65536
+        assert _metric(text, "imageio_bytes_total", backend="file",
+                       direction="write") == n * 4096
+        assert _metric(text, "imageio_operation_seconds_count",
+                       op="write") >= n
+        # The main process's own series are still there, once each.
+        assert _metric(text, "imageio_tickets") == 1
+        assert text.count("# TYPE imageio_requests_total counter") == 1
+        assert text.count("# TYPE imageio_bytes_total counter") == 1
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
