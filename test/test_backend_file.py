@@ -765,15 +765,33 @@ if __name__ == "__main__":   # pragma: no cover
 async def test_maxZeroStep(tmp_path, pool, backends):
     # Regular files that zero in metadata take large steps; the caller's
     # steps stay for files that may fall back to writing zeroes.
+    # Large steps only once zeroing in metadata worked here: the first
+    # step is the caller's.
     path = makeFile(tmp_path / "img", size=1 * MiB)
     sparse = await openFile(pool, backends, path, sparse=True)
-    assert sparse.maxZeroStep == filebackend.FAST_ZERO_STEP
-    sparse._canPunchHole = False
     assert sparse.maxZeroStep is None
+    await sparse.zero(0, 4096)
+    assert sparse.maxZeroStep == filebackend.FAST_ZERO_STEP
     full = await openFile(pool, backends, path)
-    assert full.maxZeroStep == filebackend.FAST_ZERO_STEP
-    full._canZeroRange = False
     assert full.maxZeroStep is None
+    await full.zero(0, 4096)
+    assert full.maxZeroStep == filebackend.FAST_ZERO_STEP
+
+
+@pytest_twisted.ensureDeferred
+async def test_maxZeroStep_unsupported(tmp_path, pool, backends,
+                                       monkeypatch):
+    # A filesystem without FALLOC_FL_ZERO_RANGE or PUNCH_HOLE (ext2/ext3,
+    # old NFS): zeroing writes zeroes, and steps stay the caller's.
+    def tryFallocate(self, mode, offset, length):
+        return False
+    monkeypatch.setattr(FileBackend, "_tryFallocate", tryFallocate)
+    path = makeFile(tmp_path / "img", b"x" * MiB, size=MiB)
+    for sparse in (True, False):
+        b = await openFile(pool, backends, path, sparse=sparse)
+        await b.zero(0, 4096)
+        assert b.maxZeroStep is None
+        assert await b.read(0, 4096) == bytes(4096)
 
 
 @pytest_twisted.ensureDeferred
@@ -782,6 +800,7 @@ async def test_zero_sparse_large_step(tmp_path, pool, backends):
     size = 3 * filebackend.FAST_ZERO_STEP
     path = makeFile(tmp_path / "img", b"x" * MiB, size=size)
     b = await openFile(pool, backends, path, sparse=True)
+    await b.zero(0, MiB)
     await b.zero(0, b.maxZeroStep)
     assert os.path.getsize(path) == size
     assert allocated(path) == 0

@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 
 import pytest
 import pytest_twisted
@@ -561,3 +562,59 @@ async def test_chunked_overflow_after_body(server, monkeypatch):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not events, [e.get("log_format") for e in events]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_patch_zero_without_fast_zero(server, tmp_path, monkeypatch,
+                                            sparse):
+    # A filesystem without FALLOC_FL_ZERO_RANGE/PUNCH_HOLE (the probe
+    # forced to "unsupported"): every zero step is an ordinary one, so a
+    # cancel stops a running zero within one step. The first step used to
+    # be the whole range (up to 64 GiB of written zeroes, uncancellable).
+    from imageio.backends.file import FileBackend
+    from imageio.web import images
+    step = MiB
+    monkeypatch.setattr(images, "MAX_ZERO_STEP", step)
+    monkeypatch.setattr(FileBackend, "_tryFallocate",
+                        lambda self, mode, offset, length: False)
+    calls = []
+    original = FileBackend._zero
+
+    def zero(self, offset, length):
+        # (In a pool thread.) Slow storage: a step takes a while.
+        calls.append(length)
+        time.sleep(0.02)
+        return original(self, offset, length)
+    monkeypatch.setattr(FileBackend, "_zero", zero)
+    size = 64 * MiB
+    path = tmp_path / "zero.raw"
+    path.write_bytes(b"x" * size)
+    server.addTicket("z", size=size, url=f"file://{path}", sparse=sparse)
+    r = await request(server.address, "PATCH", "/images/z",
+                      {"Content-Type": "application/json"},
+                      b'{"op": "zero", "offset": 0, "size": %d}' % (8 * MiB))
+    assert r.status == 200, r
+    assert calls and max(calls) <= step, calls
+    assert path.read_bytes()[:8 * MiB] == bytes(8 * MiB)
+
+    # Cancel a running zero of the whole image: it stops within a few
+    # steps and the DELETE does not time out.
+    calls.clear()
+    client = await connect(server.address)
+    body = b'{"op": "zero", "offset": 0, "size": %d}' % size
+    d = client.request("PATCH", "/images/z",
+                       {"Content-Type": "application/json"}, body)
+    from test.test_images import sleep
+    for _ in range(1000):
+        if calls:
+            break
+        await sleep(0.005)
+    assert calls
+    await server.store.remove("z", 5)
+    r = await d
+    assert r.status == 403, r
+    client.transport.loseConnection()
+    assert max(calls) <= step
+    # Stopped early: far from the 64 steps of the whole image.
+    assert sum(calls) < size, len(calls)

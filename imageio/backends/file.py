@@ -280,6 +280,8 @@ class FileBackend:
     @ivar _rmwLock: serialises read-modify-write cycles.
     @ivar _canZeroRange: C{FALLOC_FL_ZERO_RANGE} may work here.
     @ivar _canPunchHole: C{FALLOC_FL_PUNCH_HOLE} may work here.
+    @ivar _zeroRangeWorks: C{FALLOC_FL_ZERO_RANGE} worked here (once).
+    @ivar _punchHoleWorks: C{FALLOC_FL_PUNCH_HOLE} worked here (once).
     @ivar _canFallocate: plain fallocate may work here.
     """
 
@@ -323,6 +325,8 @@ class FileBackend:
         self._canZeroRange = True
         self._canPunchHole = True
         self._canFallocate = True
+        self._zeroRangeWorks = False
+        self._punchHoleWorks = False
 
     @classmethod
     def open(cls, reactor, path: str, *, mode: str = "r+",
@@ -382,13 +386,16 @@ class FileBackend:
         The largest range worth zeroing in one L{zero} call, or C{None} to
         leave it to the caller. Block devices keep the caller's steps (some
         storage times out on large zero requests), and so does any file
-        that may fall back to writing zeroes.
+        that may fall back to writing zeroes: large steps only once fast
+        zeroing worked here, so the first step is an ordinary one (a
+        64 GiB first step on a filesystem without it was 64 GiB of
+        written zeroes that no cancel could stop).
         """
         if self.isBlock:
             return None
-        if self.sparse and self._canPunchHole:
+        if self.sparse and self._punchHoleWorks:
             return FAST_ZERO_STEP
-        if not self.sparse and self._canZeroRange:
+        if not self.sparse and self._zeroRangeWorks:
             return FAST_ZERO_STEP
         return None
 
@@ -735,6 +742,7 @@ class FileBackend:
         """
         if self._canZeroRange:
             if self._tryFallocate(FALLOC_FL_ZERO_RANGE, offset, length):
+                self._zeroRangeWorks = True
                 return
             self._log.debug("{path}: no FALLOC_FL_ZERO_RANGE", path=self.path)
             self._canZeroRange = False
@@ -773,6 +781,7 @@ class FileBackend:
                     return
             if self._tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                   offset, length):
+                self._punchHoleWorks = True
                 return
             self._log.debug("{path}: no FALLOC_FL_PUNCH_HOLE", path=self.path)
             self._canPunchHole = False

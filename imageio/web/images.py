@@ -481,10 +481,12 @@ class _Image(_Handler):
         stats = metrics.forRequest(request)
         meter = stats.meter(backend)
         op = ticket.startOperation(offset, size)
-        # Steps as large as the backend says zeroing stays cheap (a sparse
-        # file punches 64 GiB holes at once), and as many in flight as its
-        # writes (an NBD connection keeps them in order).
-        maxStep = getattr(backend, "maxZeroStep", None) or MAX_ZERO_STEP
+        # Steps as large as the backend says zeroing stays cheap *now* (a
+        # sparse file punches 64 GiB holes at once, once it did one; asked
+        # again before each step, since the first steps tell the backend
+        # what the filesystem can do), else ordinary steps a cancel can
+        # stop between; as many in flight as its writes (an NBD connection
+        # keeps them in order).
         depth = transfer.writeDepth(backend)
         pending: deque = deque()
         try:
@@ -492,6 +494,8 @@ class _Image(_Handler):
             while pos < end or pending:
                 while pos < end and len(pending) < depth:
                     op.check()
+                    maxStep = (getattr(backend, "maxZeroStep", None)
+                               or MAX_ZERO_STEP)
                     step = min(end - pos, maxStep)
                     pending.append((backend.zero(pos, step), step,
                                     time.monotonic()))
