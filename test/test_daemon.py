@@ -717,3 +717,95 @@ def test_log_level_applies_to_stdout(tmp_path, pki):
     assert "/info/" not in out
     assert "/images/nope" not in out
     assert "Ticket t added" not in out
+
+
+def test_fifo_tickets_do_not_stall(tmp_path, pki):
+    """
+    Twenty tickets on FIFOs (which block whoever opens or reads them) are
+    answered at once with an error, never holding the I/O threads: a
+    regular ticket is still served, and SIGTERM stops the daemon within
+    10 s with status 0.
+    """
+    import time
+
+    from imageio.units import MiB
+    d = start(tmp_path, pki)
+    try:
+        sock = controlSocket(tmp_path)
+        for i in range(20):
+            fifo = tmp_path / f"fifo{i}"
+            os.mkfifo(fifo)
+            for op in ("read", "write"):
+                t = f"f{op}{i}"
+                assert controlRequest(sock, "PUT", f"/tickets/{t}", {
+                    "uuid": t, "size": MiB, "ops": [op], "timeout": 300,
+                    "url": f"file://{fifo}"})[0] == 200
+        image = tmp_path / "image.raw"
+        image.write_bytes(b"x" * MiB)
+        assert controlRequest(sock, "PUT", "/tickets/ok", {
+            "uuid": "ok", "size": MiB, "ops": ["read"], "timeout": 300,
+            "url": f"file://{image}"})[0] == 200
+        started = time.monotonic()
+        for i in range(20):
+            for op in ("read", "write"):
+                con = httpsConnection(d.remotePort, pki.ca, timeout=5)
+                try:
+                    if op == "read":
+                        status, _, body = request(con, "GET",
+                                                  f"/images/f{op}{i}")
+                    else:
+                        status, _, body = request(con, "PUT",
+                                                  f"/images/f{op}{i}",
+                                                  b"y" * 4096)
+                finally:
+                    con.close()
+                assert status == 500, body
+                assert body == (b"Server failed to perform the request, "
+                                b"check logs\n")
+        con = httpsConnection(d.remotePort, pki.ca, timeout=5)
+        status, _, body = request(con, "GET", "/images/ok")
+        con.close()
+        assert status == 200 and body == b"x" * MiB
+        assert time.monotonic() - started < 20
+        assert "Not a regular file or block device" in d.output()
+    finally:
+        stopping = time.monotonic()
+        status = d.stop(15, timeout=30)
+        assert time.monotonic() - stopping < 10
+    assert status == 0, d.output()
+
+
+def test_io_pool_stop_is_bounded():
+    # A thread blocked for good in storage does not hold the stop.
+    import threading
+    import time
+
+    from twisted.internet.task import Clock
+
+    from imageio.services import IOThreadPool, _ThreadPoolService
+    clock = Clock()
+
+    class Reactor:
+        callLater = clock.callLater
+
+        @staticmethod
+        def callFromThread(f, *args):
+            calls.append((f, args))
+
+    calls = []
+    pool = IOThreadPool(minthreads=0, maxthreads=2, name="test-io")
+    svc = _ThreadPoolService(pool, Reactor(), timeout=5)
+    svc.startService()
+    release = threading.Event()
+    pool.callInThread(release.wait)
+    d = svc.stopService()
+    assert not d.called
+    clock.advance(5)
+    assert d.called
+    # The blocked thread is a daemon thread: it cannot delay the exit.
+    assert all(t.daemon for t in pool.threads)
+    release.set()
+    deadline = time.monotonic() + 10
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

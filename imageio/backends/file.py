@@ -185,8 +185,14 @@ class _Opened:
 def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
     """
     Open C{path} and find its block size. Runs in a pool thread.
+
+    Only a regular file or a block device is an image: anything else (a
+    FIFO above all, whose open and reads block until a writer comes) is
+    refused without blocking (O_NONBLOCK, cleared once the type is known),
+    so it never holds a pool thread that other tickets need.
     """
-    flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_CLOEXEC
+    flags = ((os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_CLOEXEC
+             | os.O_NONBLOCK)
     fd = None
     if direct:
         try:
@@ -205,6 +211,10 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         isBlock = stat.S_ISBLK(st.st_mode)
+        if not isBlock and not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL,
+                          "Not a regular file or block device", path)
+        _clearNonBlocking(fd)
         if not direct:
             blockSize = 1
         elif isBlock:
@@ -223,6 +233,7 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
                 os.close(fd)
                 fd = None
                 fd = _osOpen(path, flags)
+                _clearNonBlocking(fd)
                 direct = False
                 blockSize = 1
         return _Opened(fd, isBlock, direct, blockSize)
@@ -230,6 +241,11 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
         if fd is not None:
             os.close(fd)
         raise
+
+
+def _clearNonBlocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL,
+                fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
 
 def _probeBlockSize(fd: int) -> int | None:
