@@ -28,6 +28,13 @@ Series:
     (C{read}, C{write}: one chunk; C{zero}: one step; C{flush};
     C{extents}) and of each whole C{checksum} computation.
   - C{process_*}: the daemon process (RSS, open fds, CPU), from /proc.
+
+With C{[daemon] workers} > 1 the worker processes count their own
+requests, bytes and latencies; the main process asks each for its samples
+at scrape time (L{Metrics.samples}) and adds them to its own
+(L{Metrics.exposition}): counters and histograms are sums over the
+processes, ticket gauges come from the main process's store, and
+C{process_*} describes the main process only.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from prometheus_client import (
     disable_created_metrics)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
 
 __all__ = ["Metrics", "NO_METRICS", "forRequest", "OPERATIONS",
            "BACKENDS", "CONTENT_TYPE"]
@@ -281,11 +289,77 @@ class Metrics:
         request.notifyFinish().addCallbacks(
             lambda _: count(request.code), lambda _: count("aborted"))
 
-    def exposition(self) -> bytes:
+    def samples(self) -> list:
         """
+        @return: the samples of the L{SUMMED} families, as JSON-ready
+            C{[name, labels, value]} lists (what a worker process sends to
+            the main process).
+        """
+        out = []
+        for family in self.registry.collect():
+            if family.name in SUMMED:
+                for sample in family.samples:
+                    out.append([sample.name, dict(sample.labels),
+                                sample.value])
+        return out
+
+    def exposition(self, others=()) -> bytes:
+        """
+        @param others: L{samples} of other processes (the workers), added
+            to ours.
         @return: the Prometheus text exposition of every series.
         """
-        return generate_latest(self.registry)
+        if not others:
+            return generate_latest(self.registry)
+        added: dict = {}
+        for samples in others:
+            for name, labels, value in samples:
+                key = _key(name, labels)
+                added[key] = added.get(key, 0) + value
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(self.registry, added))
+        return generate_latest(registry)
+
+
+SUMMED = ("imageio_bytes", "imageio_requests", "imageio_operation_seconds")
+"""
+The families whose samples are added up over the worker processes.
+"""
+
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+
+
+def _key(name: str, labels: dict) -> tuple:
+    return name, tuple(sorted(labels.items()))
+
+
+class _Merged:
+    """
+    A collector giving C{registry}'s families with C{added} (sample key to
+    value) added to the L{SUMMED} ones.
+    """
+
+    def __init__(self, registry, added: dict):
+        self._registry = registry
+        self._added = added
+
+    def collect(self):
+        added = dict(self._added)
+        for family in self._registry.collect():
+            if family.name not in SUMMED:
+                yield family
+                continue
+            merged = Metric(family.name, family.documentation, family.type,
+                            family.unit)
+            for sample in family.samples:
+                value = sample.value + added.pop(
+                    _key(sample.name, sample.labels), 0)
+                merged.add_sample(sample.name, sample.labels, value)
+            # Label sets only the workers have (e.g. remote's statuses).
+            names = {family.name + suffix for suffix in _SUFFIXES}
+            for key in [k for k in added if k[0] in names]:
+                merged.add_sample(key[0], dict(key[1]), added.pop(key))
+            yield merged
 
 
 class _NullMetrics:

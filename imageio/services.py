@@ -16,6 +16,7 @@ import pwd
 import signal
 import socket
 import sys
+import threading
 import uuid
 
 from twisted.application import service
@@ -206,22 +207,71 @@ class _RefuseFactory(protocol.ServerFactory):
         return None
 
 
+class IOThreadPool(ThreadPool):
+    """
+    The pool for blocking storage calls. Its threads are daemon threads: a
+    thread blocked for good in storage (a hung NFS mount) must not keep
+    the process from exiting (Python joins every other thread at exit).
+    """
+
+    def threadFactory(self, *args, **kwargs):
+        thread = threading.Thread(*args, **kwargs)
+        thread.daemon = True
+        return thread
+
+
+POOL_STOP_TIMEOUT = 5
+"""
+Seconds the daemon's stop waits for the I/O threads to end.
+"""
+
+
 class _ThreadPoolService(service.Service):
     """
     Runs the bounded thread pool for blocking file I/O and hashing.
     """
 
-    def __init__(self, pool):
+    def __init__(self, pool, reactor=None, timeout=POOL_STOP_TIMEOUT):
         self.setName("threadpool")
         self.pool = pool
+        self.reactor = reactor
+        self.timeout = timeout
 
     def startService(self):
         super().startService()
         self.pool.start()
 
     def stopService(self):
+        """
+        Stop the pool, waiting at most C{timeout} seconds: C{pool.stop()}
+        joins its threads, and one blocked in storage would hold the stop
+        (and SIGTERM) forever. The join runs in a daemon thread of its own.
+        """
         super().stopService()
-        self.pool.stop()
+        reactor = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        done = defer.Deferred()
+
+        def stop():
+            self.pool.stop()
+            reactor.callFromThread(finish, True)
+
+        def finish(stopped):
+            if done.called:
+                return
+            if timer.active():
+                timer.cancel()
+            if not stopped:
+                _log.warn("I/O threads still busy after {timeout} s "
+                          "(storage not answering?); stopping without them",
+                          timeout=self.timeout)
+            done.callback(None)
+
+        timer = reactor.callLater(self.timeout, finish, False)
+        threading.Thread(target=stop, daemon=True,
+                         name="imageio-io-stop").start()
+        return done
 
 
 def idleTrim(interval: float = 10.0) -> malloc.IdleTrim:
@@ -275,14 +325,14 @@ class ImageioService(service.MultiService):
                       else tickets.TicketStore)
         self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
-        # Per process: with workers, /metrics shows the main process's
-        # requests (control) and the ticket gauges, not the workers'
-        # transfers (not aggregated yet).
+        # With workers, /metrics adds the workers' counters and histograms
+        # (asked at scrape time) to the main process's (control requests,
+        # ticket gauges).
         self.metrics = Metrics(self.store)
-        self.threadpool = ThreadPool(
+        self.threadpool = IOThreadPool(
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
-        _ThreadPoolService(self.threadpool).setServiceParent(self)
+        _ThreadPoolService(self.threadpool, reactor).setServiceParent(self)
         idleTrim().setServiceParent(self)
 
         imageListeners = [self._addRemote()]
@@ -297,6 +347,11 @@ class ImageioService(service.MultiService):
                 reactor, self.store.hub, self.workers, confDir,
                 imageListeners)
             self.pool.setServiceParent(self)
+
+    def _workerSamples(self) -> defer.Deferred:
+        if self.pool is None:
+            return defer.succeed([])
+        return self.pool.metricsSamples()
 
     def _imagesSite(self, name, withInfo):
         if self.workers > 1:
@@ -327,7 +382,8 @@ class ImageioService(service.MultiService):
         root = Root()
         root.putChild(b"tickets", Tickets(
             self.store, removeTimeout=cfg.control.remove_timeout))
-        root.putChild(b"metrics", MetricsPage(self.metrics))
+        root.putChild(b"metrics", MetricsPage(
+            self.metrics, gather=self._workerSamples))
         site = makeSite(root, reactor=self.reactor, timeout=60)
         self.metrics.instrument(site, "control")
         if cfg.control.transport == "tcp":
@@ -356,25 +412,44 @@ class ImageioService(service.MultiService):
             sys.stderr.write(f"imageio: {e}\n")
             raise SystemExit(1)
 
-    def reloadTLS(self) -> bool:
+    def reloadTLS(self) -> defer.Deferred:
         """
         Reload the remote service's key and certificate (on SIGHUP), here
-        and in the worker processes.
+        and in the worker processes; the files are read off the reactor
+        thread (L{ReloadableTLS.reload}).
+
+        @return: L{Deferred} firing with whether this process uses the new
+            files.
         """
         if self.tls is None:
-            return False
+            return defer.succeed(False)
         if self.pool is not None:
-            self.pool.reloadTLS()
-        return self.tls.reload()
+            self.pool.reloadTLS().addErrback(lambda f: _log.failure(
+                "Reloading TLS in the workers failed", f))
+        return self.tls.reload(self.reactor)
 
     def installSignalHandlers(self) -> None:
         """
-        SIGHUP reloads the TLS files. Only the twistd plugin calls this:
-        signal handlers are process-global.
+        SIGHUP reloads the TLS files, and a clean stop on SIGTERM exits
+        with status 0. Only the twistd plugin calls this: signal handlers
+        are process-global.
         """
         def onSIGHUP(signum, frame):
             self.reactor.callFromThread(self.reloadTLS)
         signal.signal(signal.SIGHUP, onSIGHUP)
+        self.reactor.addSystemEventTrigger(
+            "after", "shutdown", self._cleanExit)
+
+    def _cleanExit(self) -> None:
+        # Twisted 26.10: the reactor's sigTerm stores the signal in
+        # _exitSignal, and twistd kills itself with it once the reactor
+        # has stopped, so a stop that went well read as "killed by
+        # SIGTERM" (status -15/143) to anything but systemd. This trigger
+        # runs only once every service stopped: SIGTERM is then the normal
+        # way to stop (as the reference, which exits 0). SIGINT keeps
+        # Twisted's behaviour. Guarded by test_daemon.test_sigterm_exit_0.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
     def startService(self):
         super().startService()

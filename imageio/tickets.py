@@ -189,23 +189,24 @@ def _invalidValue(key: str, value: Any, reason: str) -> BadRequest:
         f"Invalid value for {key!r}: {_shortRepr(value)}: {reason}")
 
 
-def _checkType(key: str, value: Any, kind: type) -> Any:
+def _checkType(key: str, value: Any, kind: type, minval: int = 0) -> Any:
     # isinstance, like the reference: a JSON true or false passes as an
     # integer (SPEC B §2 "Python bools pass the int checks").
     if not isinstance(value, kind):
         raise _invalidValue(key, value, f"expecting a {kind!r} value")
-    if kind is int and not 0 <= value <= MAX_INTEGER:
-        # The reference takes any integer; negative sizes and timeouts or
-        # numbers past 64 bits are nonsense that fails later (SPEC A17).
+    if kind is int and not minval <= value <= MAX_INTEGER:
+        # The reference takes any integer; negative sizes or numbers past
+        # 64 bits are nonsense that fails later (SPEC A17).
         raise _invalidValue(
-            key, value, f"expecting a value between 0 and {MAX_INTEGER}")
+            key, value,
+            f"expecting a value between {minval} and {MAX_INTEGER}")
     return value
 
 
-def _required(d: dict, key: str, kind: type) -> Any:
+def _required(d: dict, key: str, kind: type, minval: int = 0) -> Any:
     if key not in d:
         raise _invalid(f"Required ticket parameter is missing: {key}")
-    return _checkType(key, d[key], kind)
+    return _checkType(key, d[key], kind, minval)
 
 
 def _optional(d: dict, key: str, kind: type, default: Any = None) -> Any:
@@ -393,7 +394,9 @@ class Ticket:
         uuid = _required(d, "uuid", str)
         size = _required(d, "size", int)
         ops = _required(d, "ops", list)
-        timeout = _required(d, "timeout", int)
+        # A negative timeout is taken, as the reference takes it: the
+        # ticket is born expired, and can be read back (and extended).
+        timeout = _required(d, "timeout", int, minval=-MAX_INTEGER)
         inactivity = _optional(d, "inactivity_timeout", int,
                                default=inactivityTimeout)
         url = _required(d, "url", str)

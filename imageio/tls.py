@@ -6,16 +6,25 @@ whose key and certificate can be replaced while running.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from OpenSSL import SSL, crypto
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.logs import Logger
 
-__all__ = ["TLSError", "TLSFiles", "tlsOptions", "ReloadableTLS"]
+__all__ = ["TLSError", "TLSFiles", "tlsOptions", "ReloadableTLS",
+           "RELOAD_TIMEOUT"]
+
+RELOAD_TIMEOUT = 10
+"""
+Seconds a reload may take to read the key and certificate files before it
+is given up (the old ones stay in use).
+"""
 
 _log = Logger()
 
@@ -45,11 +54,27 @@ def _readPEM(path: str, what: str) -> bytes:
         raise TLSError(f"cannot read TLS {what} {path!r}: {e.strerror}")
 
 
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""
+The TLS 1.2 suites offered: forward secret (ECDHE) and AEAD (AES-GCM,
+ChaCha20-Poly1305) only, as the reference's. Twisted's default list also
+takes RSA key exchange, finite-field DHE and CBC suites. TLS 1.3 suites are
+OpenSSL's (all forward secret and AEAD); this list does not touch them.
+"""
+
+CIPHERS_TLS1_1 = CIPHERS + ":ECDHE+AES:@SECLEVEL=0"
+"""
+The suites with C{[tls] enable_tls1_1}: TLS 1.1 has no AEAD suite, so the
+ECDHE CBC suites are added (still forward secret); the security level is
+lowered, or OpenSSL refuses TLS 1.1 whatever the minimum version.
+"""
+
+
 def tlsOptions(tls) -> ssl.CertificateOptions:
     """
     Server TLS options: minimum TLS 1.2, or 1.1 with C{enable_tls1_1};
-    never TLS 1.0 (SPEC A3). Twisted's default ciphers (ECDHE with AES-GCM
-    or ChaCha20, server preference).
+    never TLS 1.0 (SPEC A3). TLS 1.2 suites from L{CIPHERS}, server
+    preference.
 
     @param tls: the C{[tls]} section, or a L{TLSFiles}.
     @raise TLSError: the key or certificate is missing or unreadable.
@@ -86,18 +111,18 @@ def tlsOptions(tls) -> ssl.CertificateOptions:
             extraCertChain=[c.to_cryptography() for c in certs[1:]] or None,
             **kw)
         ctx = opts.getContext()
+        # CertificateOptions keeps only the suites it knows and drops
+        # @SECLEVEL from a cipher string: set the list on the (cached)
+        # context itself.
+        ctx.set_cipher_list(
+            (CIPHERS_TLS1_1 if tls.enable_tls1_1 else CIPHERS).encode())
     except Exception as e:
         raise TLSError(f"invalid TLS configuration: {e}")
-    # No renegotiation: a writer thread may own a connection's OpenSSL
-    # object (imageio.web.bodywriter), and nothing may make the reactor
+    # No renegotiation: a body thread may own a connection's OpenSSL
+    # object (imageio.web.handoff), and nothing may make the reactor
     # rekey it meanwhile. TLS 1.3 has none; the reference's Python ssl
     # refuses client renegotiation too.
     ctx.set_options(SSL.OP_NO_RENEGOTIATION)
-    if tls.enable_tls1_1:
-        # OpenSSL's security level refuses TLS 1.1 even when the minimum
-        # version allows it; CertificateOptions drops @SECLEVEL from its
-        # cipher strings, so set it on the (cached) context itself.
-        ctx.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     return opts
 
 
@@ -109,28 +134,74 @@ class ReloadableTLS:
     handshake; connections already open keep theirs.
 
     @ivar options: the current L{ssl.CertificateOptions}.
+    @ivar _reader: the thread of the last reload, or C{None}.
     """
 
     def __init__(self, tls):
         self._tls = tls
         self.options = tlsOptions(tls)
+        self._reader: threading.Thread | None = None
 
-    def reload(self) -> bool:
+    def reload(self, reactor=None,
+               timeout: float = RELOAD_TIMEOUT) -> defer.Deferred:
         """
-        Read the key and certificate files again. On failure the old ones
-        stay in use and the error is logged.
+        Read the key and certificate files again, in a thread of its own:
+        a file that blocks (a FIFO, a hung mount) must not stop the
+        reactor. On failure, or if reading takes more than C{timeout}
+        seconds, the old files stay in use and the error is logged. While
+        a reload that timed out is still blocked, later ones fail at once
+        (one stuck thread at most).
 
-        @return: whether the new files are in use.
+        @return: L{Deferred} firing with whether the new files are in use.
         """
-        try:
-            self.options = tlsOptions(self._tls)
-        except TLSError as e:
+        if reactor is None:
+            from twisted.internet import reactor
+        if self._reader is not None and self._reader.is_alive():
+            _log.error("TLS reload failed, keeping the old certificate: an "
+                       "earlier reload is still reading {key} or {cert}",
+                       key=self._tls.key_file, cert=self._tls.cert_file)
+            return defer.succeed(False)
+        done = defer.Deferred()
+
+        def read():
+            try:
+                result = tlsOptions(self._tls)
+            except Exception:
+                result = Failure()
+            reactor.callFromThread(finish, result)
+
+        def finish(result):
+            if done.called:
+                _log.info("TLS reload that timed out ended; its result is "
+                          "ignored")
+                return
+            timer.cancel()
+            if isinstance(result, Failure):
+                error = (result.value if result.check(TLSError)
+                         else result.getErrorMessage())
+                _log.error("TLS reload failed, keeping the old certificate: "
+                           "{error}", error=error)
+                done.callback(False)
+                return
+            self.options = result
+            _log.info("TLS key and certificate reloaded from {cert}",
+                      cert=self._tls.cert_file)
+            done.callback(True)
+
+        def timedOut():
             _log.error("TLS reload failed, keeping the old certificate: "
-                       "{error}", error=e)
-            return False
-        _log.info("TLS key and certificate reloaded from {cert}",
-                  cert=self._tls.cert_file)
-        return True
+                       "reading {key} and {cert} took more than {timeout} s",
+                       key=self._tls.key_file, cert=self._tls.cert_file,
+                       timeout=timeout)
+            done.callback(False)
+
+        timer = reactor.callLater(timeout, timedOut)
+        # A daemon thread: a read that never returns must not keep the
+        # process from exiting (a pool thread would be joined on stop).
+        self._reader = threading.Thread(target=read, daemon=True,
+                                        name="imageio-tls-reload")
+        self._reader.start()
+        return done
 
     def serverConnectionForTLS(self, protocol):
         return self.options.serverConnectionForTLS(protocol)

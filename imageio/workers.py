@@ -96,8 +96,36 @@ class _NoAnswer(amp.Command):
     requiresAnswer = False
 
 
+class _BigUnicode(amp.Argument):
+    """
+    A text of any length. An AMP value holds at most 64 KiB
+    (C{amp.MAX_VALUE_LENGTH}), and a ticket is as long as the control API
+    accepts (a 70 kB url or filename made C{AddTicket} fail with
+    C{TooLong}): the UTF-8 bytes are split over the keys C{name},
+    C{name.1}, C{name.2}...
+    """
+
+    def fromBox(self, name, strings, objects, proto):
+        parts = [strings[name]]
+        i = 1
+        while True:
+            key = b"%s.%d" % (name, i)
+            if key not in strings:
+                break
+            parts.append(strings[key])
+            i += 1
+        objects[name.decode("ascii")] = b"".join(parts).decode("utf-8")
+
+    def toBox(self, name, strings, objects, proto):
+        data = objects[name.decode("ascii")].encode("utf-8")
+        size = amp.MAX_VALUE_LENGTH
+        strings[name] = data[:size]
+        for i, start in enumerate(range(size, len(data), size), 1):
+            strings[b"%s.%d" % (name, i)] = data[start:start + size]
+
+
 class AddTicket(amp.Command):
-    arguments = [(b"gen", amp.Integer()), (b"ticket", amp.Unicode()),
+    arguments = [(b"gen", amp.Integer()), (b"ticket", _BigUnicode()),
                  (b"expires", amp.Integer()), (b"canceled", amp.Boolean())]
 
 
@@ -124,6 +152,11 @@ class CloseContext(amp.Command):
 class ReloadTLS(amp.Command):
     arguments: list = []
     response = [(b"reloaded", amp.Boolean())]
+
+
+class GetMetrics(amp.Command):
+    arguments: list = []
+    response = [(b"samples", _BigUnicode())]
 
 
 class Hello(amp.Command):
@@ -314,17 +347,20 @@ class _Hub:
     def ticket(self, gen: int):
         return self._tickets.get(gen)
 
-    def broadcast(self, command, **kw) -> defer.Deferred:
+    def broadcast(self, command, track: bool = True,
+                  **kw) -> defer.Deferred:
         """
         Send C{command} to every worker.
 
+        @param track: L{flush} waits for the answers (ticket changes);
+            false for commands that may take long and that no control
+            request waits for (L{ReloadTLS}).
         @return: L{Deferred} firing when every worker answered or went
             away.
         """
-        ds = [w.callRemote(command, **kw).addErrback(lambda _: None)
-              for w in list(self.workers)]
+        ds = [self._send(w, command, kw) for w in list(self.workers)]
         d = defer.DeferredList(ds)
-        if not d.called:
+        if track and not d.called:
             self._pending.add(d)
             d.addBoth(lambda r: (self._pending.discard(d), r)[1])
         return d
@@ -339,12 +375,24 @@ class _Hub:
             error=f.getErrorMessage()))
         return d.addCallback(lambda _: None)
 
+    def _send(self, worker: _MainSide, command, kw: dict) -> defer.Deferred:
+        # A worker that went away answers nothing, and that is fine; any
+        # other failure (sending raises synchronously for a value AMP
+        # cannot carry) is logged, never raised into the caller (a control
+        # request or a worker's Hello).
+        try:
+            d = worker.callRemote(command, **kw)
+        except Exception:
+            _log.failure("Sending {command} to worker {index} failed",
+                         command=command.__name__, index=worker.index)
+            return defer.succeed(None)
+        return d.addErrback(lambda _: None)
+
     def hello(self, worker: _MainSide) -> None:
         # The snapshot goes out before the Hello answer, and the worker is
         # a broadcast target from now on: it misses nothing.
         for ticket in self.store.snapshot():
-            worker.callRemote(AddTicket, **_addArgs(ticket)).addErrback(
-                lambda _: None)
+            self._send(worker, AddTicket, _addArgs(ticket))
         self.workers.add(worker)
         waiters, self._readyWaiters = self._readyWaiters, []
         for n, d in waiters:
@@ -553,8 +601,33 @@ class WorkerPool(service.Service):
         self._restarts[index] = self.reactor.callLater(
             delay, self._spawn, index)
 
+    def metricsSamples(self) -> defer.Deferred:
+        """
+        @return: L{Deferred} firing with the L{Metrics.samples} of every
+            worker that answered within L{_SYNC_TIMEOUT} seconds (a list of
+            them); a worker that does not is left out and logged.
+        """
+        def ask(worker):
+            try:
+                d = worker.callRemote(GetMetrics)
+            except Exception:
+                _log.failure("Asking worker {index} for metrics failed",
+                             index=worker.index)
+                return defer.succeed(None)
+            d.addTimeout(_SYNC_TIMEOUT, self.reactor)
+            d.addCallback(lambda r: json.loads(r["samples"]))
+            d.addErrback(lambda f: _log.warn(
+                "Worker {index} sent no metrics: {error}",
+                index=worker.index, error=f.getErrorMessage()))
+            return d
+        ds = [ask(w) for w in list(self.hub.workers)]
+        d = defer.gatherResults(ds) if ds else defer.succeed([])
+        return d.addCallback(lambda results: [r for r in results if r])
+
     def reloadTLS(self) -> defer.Deferred:
-        return self.hub.broadcast(ReloadTLS)
+        # Each worker reads the files off its reactor thread, within
+        # tls.RELOAD_TIMEOUT; ticket changes do not wait for it.
+        return self.hub.broadcast(ReloadTLS, track=False)
 
     def stopService(self):
         super().stopService()
@@ -769,6 +842,10 @@ class _WorkerSide(amp.AMP):
         self.worker.store.install(gen, json.loads(ticket), expires, canceled)
         return {}
 
+    @GetMetrics.responder
+    def _metrics(self):
+        return {"samples": json.dumps(self.worker.metrics.samples())}
+
     @SetExpires.responder
     def _setExpires(self, gen, expires):
         ticket = self.worker.store.byGen(gen)
@@ -805,7 +882,9 @@ class _WorkerSide(amp.AMP):
     @ReloadTLS.responder
     def _reloadTLS(self):
         tls = self.worker.tls
-        return {"reloaded": tls.reload() if tls is not None else False}
+        if tls is None:
+            return {"reloaded": False}
+        return tls.reload().addCallback(lambda ok: {"reloaded": ok})
 
 
 class WorkerService(service.MultiService):
@@ -833,6 +912,11 @@ class WorkerService(service.MultiService):
         self.ports: list = []
         from imageio.services import idleTrim
         idleTrim().setServiceParent(self)
+        # This worker's requests, bytes and latencies; the main process
+        # adds them to its /metrics. No ticket gauges (the main process's
+        # store has them) and no process_* series (the main process's).
+        from imageio.metrics import Metrics
+        self.metrics = Metrics(process=False)
 
     def startService(self):
         super().startService()
@@ -848,7 +932,9 @@ class WorkerService(service.MultiService):
         for n, fd in enumerate([_FD_REMOTE, _FD_LOCAL][:self.listeners]):
             remote = n == 0
             factory = imagesSite(self.store, cfg, self.reactor,
-                                 self.threadpool, withInfo=remote)
+                                 self.threadpool, withInfo=remote,
+                                 metrics=self.metrics,
+                                 name="remote" if remote else "local")
             if remote and cfg.tls.enable:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
                 from imageio.tls import ReloadableTLS

@@ -24,8 +24,8 @@ from imageio.backends.file import FileBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent
 from imageio.units import KiB, MiB
+from test import support
 
-REFERENCE_PYTHON = "/tmp/refvenv/bin/python"
 SHM = "/dev/shm"
 
 
@@ -132,10 +132,9 @@ print(json.dumps(result))
 
 
 def runReference(path, ops, sparse=False):
-    if not os.access(REFERENCE_PYTHON, os.X_OK):
-        pytest.skip("reference ovirt-imageio not installed")
+    # IMAGEIO_REFVENV (make test sets it); a failure in CI when missing.
     out = subprocess.run(
-        [REFERENCE_PYTHON, "-c", _REFERENCE_SCRIPT],
+        [support.referencePython(), "-c", _REFERENCE_SCRIPT],
         input=json.dumps({"path": str(path), "ops": ops, "sparse": sparse}),
         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -766,15 +765,33 @@ if __name__ == "__main__":   # pragma: no cover
 async def test_maxZeroStep(tmp_path, pool, backends):
     # Regular files that zero in metadata take large steps; the caller's
     # steps stay for files that may fall back to writing zeroes.
+    # Large steps only once zeroing in metadata worked here: the first
+    # step is the caller's.
     path = makeFile(tmp_path / "img", size=1 * MiB)
     sparse = await openFile(pool, backends, path, sparse=True)
-    assert sparse.maxZeroStep == filebackend.FAST_ZERO_STEP
-    sparse._canPunchHole = False
     assert sparse.maxZeroStep is None
+    await sparse.zero(0, 4096)
+    assert sparse.maxZeroStep == filebackend.FAST_ZERO_STEP
     full = await openFile(pool, backends, path)
-    assert full.maxZeroStep == filebackend.FAST_ZERO_STEP
-    full._canZeroRange = False
     assert full.maxZeroStep is None
+    await full.zero(0, 4096)
+    assert full.maxZeroStep == filebackend.FAST_ZERO_STEP
+
+
+@pytest_twisted.ensureDeferred
+async def test_maxZeroStep_unsupported(tmp_path, pool, backends,
+                                       monkeypatch):
+    # A filesystem without FALLOC_FL_ZERO_RANGE or PUNCH_HOLE (ext2/ext3,
+    # old NFS): zeroing writes zeroes, and steps stay the caller's.
+    def tryFallocate(self, mode, offset, length):
+        return False
+    monkeypatch.setattr(FileBackend, "_tryFallocate", tryFallocate)
+    path = makeFile(tmp_path / "img", b"x" * MiB, size=MiB)
+    for sparse in (True, False):
+        b = await openFile(pool, backends, path, sparse=sparse)
+        await b.zero(0, 4096)
+        assert b.maxZeroStep is None
+        assert await b.read(0, 4096) == bytes(4096)
 
 
 @pytest_twisted.ensureDeferred
@@ -783,6 +800,23 @@ async def test_zero_sparse_large_step(tmp_path, pool, backends):
     size = 3 * filebackend.FAST_ZERO_STEP
     path = makeFile(tmp_path / "img", b"x" * MiB, size=size)
     b = await openFile(pool, backends, path, sparse=True)
+    await b.zero(0, MiB)
     await b.zero(0, b.maxZeroStep)
     assert os.path.getsize(path) == size
     assert allocated(path) == 0
+
+
+def test_reference_from_env(monkeypatch, tmp_path):
+    # IMAGEIO_REFVENV names the reference; missing, CI fails (no skip).
+    monkeypatch.setenv("IMAGEIO_REFVENV", str(tmp_path / "none"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        support.referencePython()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        support.referencePython()
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, venv / "bin" / "python")
+    monkeypatch.setenv("IMAGEIO_REFVENV", str(venv))
+    assert support.referencePython() == str(venv / "bin" / "python")

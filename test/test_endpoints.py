@@ -109,7 +109,7 @@ async def test_tls_listen_and_reload(tmp_path):
             with open(getattr(second, name), "rb") as src, \
                     open(getattr(first, name), "wb") as dst:
                 dst.write(src.read())
-        assert ep.tls.reload() is True
+        assert await ep.tls.reload() is True
         body, _ = await threads.deferToThread(tlsGet, n, second.ca)
         assert body.endswith(b"hello")
         with pytest.raises(ssl.SSLCertVerificationError):
@@ -117,8 +117,44 @@ async def test_tls_listen_and_reload(tmp_path):
         # Broken files: reload fails, the current certificate stays.
         with open(first.cert, "w") as f:
             f.write("garbage")
-        assert ep.tls.reload() is False
+        assert await ep.tls.reload() is False
         body, _ = await threads.deferToThread(tlsGet, n, second.ca)
         assert body.endswith(b"hello")
     finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_reload_fifo_times_out(tmp_path):
+    # A key file that blocks on open: the reload gives up after its
+    # timeout, the reactor serves meanwhile, a second reload fails at once
+    # while the first still blocks, and the old certificate stays.
+    import os
+    import time
+    first = makePKI(str(tmp_path / "first"))
+    ep = endpoints.serverFromString(reactor, iendpoints.tlsDescription(
+        "127.0.0.1", 0, TLSFiles(first.key, first.cert)))
+    port = await ep.listen(site())
+    key = open(first.key, "rb").read()
+    try:
+        os.unlink(first.key)
+        os.mkfifo(first.key)
+        started = time.monotonic()
+        d = ep.tls.reload(reactor, timeout=0.5)
+        assert not d.called
+        # Served while the reload blocks.
+        body, _ = await threads.deferToThread(tlsGet, port.getHost().port,
+                                              first.ca)
+        assert body.endswith(b"hello")
+        assert await d is False
+        assert time.monotonic() - started < 5
+        assert await ep.tls.reload(reactor, timeout=0.5) is False
+        body, _ = await threads.deferToThread(tlsGet, port.getHost().port,
+                                              first.ca)
+        assert body.endswith(b"hello")
+    finally:
+        # Let the blocked thread go.
+        fd = os.open(first.key, os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, key)
+        os.close(fd)
         await port.stopListening()

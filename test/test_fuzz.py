@@ -20,21 +20,26 @@ serving). For every exchange:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import socket
+import ssl
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from imageio.units import MiB
+from imageio.tls import ReloadableTLS, TLSFiles
+from imageio.units import KiB, MiB
 from imageio.web.http import Root, makeSite
 from imageio.web.info import Info
 from imageio.web.tickets import Tickets
 
+from test import support
 from test.test_images import Server
 
 SEED = 20240817
@@ -185,6 +190,13 @@ class Servers:
                                              interface="127.0.0.1")
         self.ports = [self.images.address[1],
                       self.controlPort.getHost().port]
+        # The images site over TLS too, as the remote service serves it.
+        self.pki = support.makePKI(os.path.join(str(tmp_path), "pki"))
+        tls = ReloadableTLS(TLSFiles(key_file=self.pki.key,
+                                     cert_file=self.pki.cert))
+        self.tlsPort = reactor.listenTCP(
+            0, TLSMemoryBIOFactory(tls, False, self.images.site),
+            interface="127.0.0.1")
         self.events = []
         globalLogPublisher.addObserver(self._observe)
         self.reset()
@@ -201,6 +213,7 @@ class Servers:
     async def close(self):
         globalLogPublisher.removeObserver(self._observe)
         await self.controlPort.stopListening()
+        await self.tlsPort.stopListening()
         await self.images.close()
 
     def failures(self):
@@ -603,3 +616,192 @@ async def test_random(servers):
                     what=f"random case {i} (seed {SEED}) "
                          f"{b''.join(parts)[:200]!r}")
     assert time.monotonic() - started < 90
+
+
+# ---------------------------------------------------------------------------
+# Oversized request heads, on every transport of the images services
+
+
+def headExchange(servers, transport, data, timeout=5.0):
+    """
+    Send C{data} on a new connection (TCP, unix or TLS) and read until the
+    server closes.
+
+    @return: (bytes received, seconds from connect to the close, whether
+        the server closed before C{timeout})
+    """
+    if transport == "unix":
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(timeout)
+        raw.connect(servers.images.unixPath)
+    elif transport == "tcp":
+        raw = socket.create_connection(
+            ("127.0.0.1", servers.images.address[1]), timeout=timeout)
+    else:
+        raw = socket.create_connection(
+            ("127.0.0.1", servers.tlsPort.getHost().port), timeout=timeout)
+    started = time.monotonic()
+    s = raw
+    if transport == "tls":
+        ctx = ssl.create_default_context(cafile=servers.pki.ca)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+    buf = b""
+    closed = False
+    try:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except OSError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            buf += chunk
+    finally:
+        s.close()
+    return buf, time.monotonic() - started, closed
+
+
+HEAD_CASES = {
+    "request line 5 KB": (req(target=b"/images/" + b"a" * 5000), 414),
+    "request line 20 KB": (req(target=b"/images/" + b"a" * 20000), 414),
+    "request line 70 KB": (req(target=b"/images/" + b"a" * 70000), 414),
+    "request line 1 MB": (req(target=b"/images/" + b"a" * MiB), 414),
+    "request line 1 MB no CRLF": (b"GET /images/" + b"a" * MiB, 414),
+    "header 64 KiB": (req(headers=[b"X-Big: " + b"y" * (64 * KiB)]), 431),
+    "host 64 KiB": (b"GET /images/t1 HTTP/1.1\r\nHost: " + b"y" * (64 * KiB)
+                    + b"\r\n\r\n", 431),
+    "1000 headers": (req(headers=[b"X-%d: y" % i for i in range(1000)]),
+                     431),
+    "101 headers": (req(headers=[b"X-%d: y" % i for i in range(100)]), 431),
+    "head 300 KiB": (req(headers=[b"X-%d: " % i + b"y" * 60000
+                                  for i in range(5)]), 431),
+    "bad header": (req(headers=[b"NoColonHere"]), 400),
+}
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix", "tcp"])
+@pytest.mark.parametrize("name", list(HEAD_CASES))
+@pytest_twisted.ensureDeferred
+async def test_oversized_head(servers, transport, name):
+    data, code = HEAD_CASES[name]
+    buf, elapsed, closed = await threads.deferToThread(
+        headExchange, servers, transport, data)
+    assert closed, f"{name} over {transport}: no close, got {buf[:300]!r}"
+    assert elapsed < 1, f"{name} over {transport}: {elapsed:.2f} s"
+    status = buf.split(b"\r\n", 1)[0]
+    assert re.match(rb"HTTP/1\.1 %d " % code, status), buf[:300]
+    head, _, body = buf.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close" in head, buf[:300]
+    assert b"\r\ncontent-type: text/plain; charset=UTF-8" in head
+    assert body.endswith(b"\n") and b"<html" not in body.lower()
+    assert not servers.failures()
+    # The service still answers.
+    ok, _, _ = await threads.deferToThread(
+        headExchange, servers, transport,
+        req(b"GET", b"/images/t1", headers=[b"Connection: close"]))
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n"), ok[:300]
+
+
+def _atLimits():
+    line = b"GET /images/t1?x=%s HTTP/1.1"
+    line = line % (b"a" * (4096 - 2 - len(line % b"")))
+    assert len(line) + 2 == 4096
+    header = b"X-Big: " + b"y" * (65536 - 2 - len(b"X-Big: "))
+    headers = [b"Host: x", header, b"Connection: close"] + [
+        b"X-%d: y" % i for i in range(97)]
+    return b"\r\n".join([line] + headers) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_head_at_limits(servers, transport):
+    # A head at the reference's limits is served: a request line of 4096
+    # bytes (CRLF included), a header line of 65536, 100 header lines.
+    buf, elapsed, closed = await threads.deferToThread(
+        headExchange, servers, transport, _atLimits(), 2.0)
+    assert buf.startswith(b"HTTP/1.1 200 OK\r\n"), buf[:300]
+
+
+# ---------------------------------------------------------------------------
+# Bad Content-Length: the reference's 400 texts, the connection kept
+
+
+@pytest.mark.parametrize("value,text", [
+    (b"abc", b"Invalid Content-Length: 'abc'\n"),
+    (b"-1", b"Negative Content-Length: -1\n"),
+    (b"3, 3", b"Invalid Content-Length: '3, 3'\n"),
+])
+@pytest.mark.parametrize("method,target,port", [
+    (b"PUT", b"/images/t1", 0), (b"PATCH", b"/images/t1", 0),
+    (b"PUT", b"/tickets/t1", 1)])
+@pytest_twisted.ensureDeferred
+async def test_bad_content_length(servers, value, text, method, target,
+                                  port):
+    # The body is taken as empty: the next request follows on the same
+    # connection, as with the reference.
+    following = b"GET /nosuch HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    r = await threads.deferToThread(
+        exchange, servers.ports[port],
+        [req(method, target, headers=[b"Content-Length: " + value])
+         + following], wait=5)
+    assert r.statuses == [400, 404], r
+    first, _, rest = r.data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 400 Bad Request\r\n"), r
+    assert b"connection: close" not in first.lower(), r
+    assert rest.startswith(text), r
+    assert not servers.failures()
+
+
+@pytest_twisted.ensureDeferred
+async def test_plus_content_length(servers):
+    # The reference reads Content-Length with int(): "+3" is 3.
+    r = await threads.deferToThread(
+        exchange, servers.ports[0],
+        [req(b"PUT", b"/images/t1", headers=[b"Content-Length: +3",
+                                             b"Connection: close"],
+             body=b"abc")], wait=5)
+    assert r.statuses == [200], r
+    assert bytes(servers.images.images["t1"][:3]) == b"abc"
+
+
+# ---------------------------------------------------------------------------
+# Texts of the reference
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_json_message_text(servers):
+    r = await threads.deferToThread(
+        exchange, servers.ports[0],
+        [req(b"PATCH", headers=[b"Content-Length: 1", b"Connection: close"],
+             body=b"{")], wait=5)
+    assert r.statuses == [400], r
+    body = r.data.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b"Invalid JSON message Expecting property name"), r
+
+
+@pytest.mark.parametrize("target", [b"Ximages/t1", b"*images/t1",
+                                    b"images/t1"])
+@pytest_twisted.ensureDeferred
+async def test_images_target_without_slash(servers, target):
+    # The ticket exists: a target that lost its first byte would serve it.
+    for method, extra, body in [
+            (b"GET", [], b""), (b"PUT", [b"Content-Length: 3"], b"abc"),
+            (b"PUT", [b"Content-Length: 200000"], b"x" * 200000),
+            (b"OPTIONS", [], b"")]:
+        r = await threads.deferToThread(
+            exchange, servers.ports[0],
+            [req(method, target, headers=extra + [b"Connection: close"],
+                 body=body)], wait=5)
+        assert r.statuses == [404], (method, r)
+        assert r.data.endswith(b"No handler for '%s'\n" % target), r
+    assert bytes(servers.images.images["t1"][:3]) == b"\0\0\0"

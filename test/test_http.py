@@ -17,6 +17,8 @@ from imageio import __version__, errors
 from imageio.web import http as ihttp
 from imageio.web.info import Info
 
+from test.test_images_ref import refvenv  # noqa: F401 (fixture)
+
 
 class Boom(ihttp.Resource):
     isLeaf = True
@@ -246,3 +248,100 @@ def test_query_args_bad_utf8():
         args = {b"a": [b"\xff"]}
     with pytest.raises(errors.BadRequest):
         ihttp.queryArgs(R())
+
+
+# ---------------------------------------------------------------------------
+# Reason phrases, texts and request targets as the reference
+
+
+class Coded(ihttp.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        code = int(request.args[b"code"][0])
+        if code >= 400:
+            raise errors.HTTPError("text", code=code)
+        request.setResponseCode(code)
+        return b""
+
+
+def test_reason_phrases(refvenv):
+    # Every status line we can send carries the phrase the reference's
+    # http.server sends for it.
+    import subprocess
+    out = subprocess.run(
+        [refvenv, "-c", "import json, sys\n"
+         "from http.server import BaseHTTPRequestHandler as H\n"
+         "print(json.dumps({c: H.responses[c][0] for c in "
+         "json.loads(sys.argv[1])}))", json.dumps(list(ihttp.REASONS))],
+        capture_output=True, check=True).stdout
+    theirs = {int(k): v.encode("ascii") for k, v in json.loads(out).items()}
+    assert ihttp.REASONS == theirs
+    root = ihttp.Root()
+    root.putChild(b"coded", Coded())
+    site = ihttp.makeSite(root, reactor=task.Clock())
+    for code, phrase in ihttp.REASONS.items():
+        if code == 100:
+            continue
+        proto = site.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET /coded?code=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                           % code)
+        status = transport.value().split(b"\r\n", 1)[0]
+        proto.connectionLost(Failure(ConnectionDone()))
+        assert status == b"HTTP/1.1 %d %s" % (code, phrase)
+
+
+@pytest.mark.parametrize("method,target", [
+    (b"GET", b"Xinfo/"), (b"GET", b"*info/"), (b"OPTIONS", b"*"),
+    (b"GET", b"*"), (b"GET", b"info/"), (b"PUT", b"Xinfo/"),
+    (b"GET", b"http://x/info/")])
+def test_target_without_slash(site, method, target):
+    # Never routed without its first byte (a path filter in front of the
+    # daemon would see something else): 404 as the reference.
+    resp, _ = get(site, method, target)
+    assert resp.status == 404
+    assert resp.body == b"No handler for '%s'\n" % target
+
+
+def test_tickets_without_slash():
+    from imageio.tickets import TicketStore
+    from imageio.web.tickets import Tickets
+    clock = task.Clock()
+    root = ihttp.Root()
+    root.putChild(b"tickets", Tickets(TicketStore(clock)))
+    site = ihttp.makeSite(root, reactor=clock)
+    for method in (b"GET", b"PUT", b"PATCH", b"DELETE"):
+        resp, _ = get(site, method, b"/tickets")
+        assert resp.status == 404
+        assert resp.body == b"No handler for '/tickets'\n"
+    resp, _ = get(site, b"GET", b"/tickets/")
+    assert resp.status == 400
+    assert resp.body == b"Ticket id is required\n"
+    resp, _ = get(site, b"PUT", b"/tickets/t", body=b"{")
+    assert resp.body.startswith(b"Ticket is not in a json format: Expecting")
+    resp, _ = get(site, b"PATCH", b"/tickets/t", body=b"{")
+    assert resp.body.startswith(b"Invalid patch: Expecting")
+
+
+def test_negative_ticket_timeout():
+    # As the reference: accepted, and the (expired) ticket reads back.
+    from imageio.tickets import TicketStore
+    from imageio.web.tickets import Tickets
+    clock = task.Clock()
+    clock.advance(1000)
+    store = TicketStore(clock)
+    root = ihttp.Root()
+    root.putChild(b"tickets", Tickets(store))
+    site = ihttp.makeSite(root, reactor=clock)
+    body = json.dumps({"uuid": "t", "size": 1, "ops": ["read"],
+                       "timeout": -1, "url": "file:///x"}).encode()
+    resp, _ = get(site, b"PUT", b"/tickets/t", body=body)
+    assert resp.status == 200, resp.body
+    resp, _ = get(site, b"GET", b"/tickets/t")
+    assert resp.status == 200
+    info = json.loads(resp.body)
+    assert info["timeout"] == -1 and info["expires"] == 999
+    with pytest.raises(errors.Forbidden):
+        store.authorize("t", "read")

@@ -27,6 +27,7 @@ from imageio.units import MiB
 from imageio.web.http import makeSite
 from imageio.web.request import ImageioChannel, StreamingRequest
 
+from test import support
 from test.support import makePKI
 from test.test_images import Server, request
 
@@ -38,19 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def refvenv():
-    path = os.environ.get("IMAGEIO_REFVENV")
-    if not path:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(repo, ".refvenv")
-        if not os.path.exists(path) and os.path.exists("/tmp/refvenv"):
-            path = "/tmp/refvenv"
-    python = os.path.join(path, "bin", "python")
-    if not os.access(python, os.X_OK):
-        message = f"reference virtualenv missing: {path}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
+    return support.referencePython()
 
 
 class TLSServer(Server):

@@ -743,14 +743,16 @@ def test_host_certificate_other_ca(env, otherHost):
     env.proxy.addTicket(tid, host.imageURL(tid, host="localhost"), size)
 
     status, text, _ = download(env.proxy, f"/images/{tid}")
+    # The generic text, as the reference: the backend's host and port are
+    # not the client's business. The log has it all.
     assert status == 500
-    assert text.startswith(f"Certificate of localhost:{host.port} "
-                           f"refused: "), text
-    assert "certificate verify failed" in text
-    assert len(text) < 200
+    assert text == "Server failed to perform the request, check logs\n"
     line = logged(env.proxy, f"Certificate of localhost:{host.port} "
                              f"refused")
     assert line and "#error]" in line, line
+    assert "certificate verify failed" in line
+    assert logged(env.proxy, "UpstreamTLSError: Certificate of localhost:"
+                             f"{host.port} refused")
 
     # The proxy trusting the host's CA works.
     goodProxy.addTicket(tid, host.imageURL(tid, host="localhost"), size)
@@ -769,10 +771,11 @@ def test_host_certificate_other_name(env, otherHost):
     proxy.addTicket(tid, host.imageURL(tid, host="127.0.0.1"), size)
     status, text, _ = download(proxy, f"/images/{tid}")
     assert status == 500
-    assert text == (f"Certificate of 127.0.0.1:{host.port} refused: "
-                    f"certificate does not match the host name\n")
+    assert text == "Server failed to perform the request, check logs\n"
+    assert f"127.0.0.1:{host.port}" not in text
     line = logged(proxy, f"Certificate of 127.0.0.1:{host.port} refused")
     assert line and "#error]" in line, line
+    assert "certificate does not match the host name" in line
 
     proxy.addTicket(tid, host.imageURL(tid, host="localhost"), size)
     status, _, n = download(proxy, f"/images/{tid}")

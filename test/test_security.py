@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 
 import pytest
 import pytest_twisted
@@ -365,3 +366,255 @@ def test_tls_server_cipher_list(daemon):
         for weak in ("RC4", "DES", "NULL", "EXP", "MD5", "ADH", "AECDH",
                      "anon", "PSK", "SRP"):
             assert weak not in name, names
+
+
+# TLS 1.2 suites: forward-secret AEAD only (ECDHE with AES-GCM or
+# ChaCha20-Poly1305), as the reference. An RSA server key too, so that the
+# RSA key-exchange suites can be offered at all.
+
+
+@pytest.fixture(scope="module")
+def rsaDaemon(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("rsadaemon"))
+    pki = support.makePKI(os.path.join(tmp, "pki"), keyType="rsa")
+    conf = os.path.join(tmp, "conf")
+    support.writeConf(conf, support.daemonConf(tmp, pki))
+    d = support.Daemon(conf)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+REFUSED_TLS12 = {
+    "rsa": ["AES128-SHA", "AES256-SHA", "AES128-GCM-SHA256",
+            "AES256-GCM-SHA384", "AES128-SHA256", "AES128-CCM",
+            "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-CHACHA20-POLY1305",
+            "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384"],
+    "ec": ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA",
+           "ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384",
+           "ECDHE-ECDSA-AES128-CCM", "ECDHE-ECDSA-AES256-CCM"],
+}
+ACCEPTED_TLS12 = {
+    "rsa": ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-CHACHA20-POLY1305"],
+    "ec": ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+           "ECDHE-ECDSA-CHACHA20-POLY1305"],
+}
+
+
+def _tls12(request, key, cipher):
+    d = request.getfixturevalue("rsaDaemon" if key == "rsa" else "daemon")
+    out = subprocess.run([OPENSSL, "ciphers", f"{cipher}:@SECLEVEL=0"],
+                         capture_output=True)
+    assert out.returncode == 0, f"the client cannot offer {cipher}"
+    return _sclient(d.remotePort, "-tls1_2", "-cipher",
+                    f"{cipher}:@SECLEVEL=0")
+
+
+@pytest.mark.parametrize("key,cipher", [
+    (k, c) for k, cs in REFUSED_TLS12.items() for c in cs])
+def test_tls12_refused_suites(request, key, cipher):
+    ok, out = _tls12(request, key, cipher)
+    assert not ok, out
+    assert "alert" in out or "handshake failure" in out, out
+
+
+@pytest.mark.parametrize("key,cipher", [
+    (k, c) for k, cs in ACCEPTED_TLS12.items() for c in cs])
+def test_tls12_accepted_suites(request, key, cipher):
+    ok, out = _tls12(request, key, cipher)
+    assert ok, out
+    assert cipher in out, out
+
+
+def test_tls12_server_cipher_list(daemon):
+    # Whatever the local client can offer: every TLS 1.2 suite the server
+    # would take is ECDHE with an AEAD cipher.
+    from OpenSSL import SSL
+
+    from imageio.config import TLS
+    from imageio.tls import tlsOptions
+    opts = tlsOptions(TLS(enable=True, key_file=daemon.pki.key,
+                          cert_file=daemon.pki.cert))
+    names = SSL.Connection(opts.getContext(), None).get_cipher_list()
+    tls12 = [n for n in names if not n.startswith("TLS_")]
+    assert tls12
+    for name in tls12:
+        assert name.startswith("ECDHE-"), names
+        assert "GCM" in name or "CHACHA20-POLY1305" in name, names
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+@pytest_twisted.ensureDeferred
+async def test_chunked_overflow_loop(server, bigFile, kind):
+    # Whether the overrun is seen while the body arrives (early answer) or
+    # once it all arrived (the renderer answers): 416 every time, never a
+    # 500 or a logged traceback.
+    from twisted.logger import LogLevel, globalLogPublisher
+    path, original = bigFile
+    if kind == "memory":
+        server.addTicket("m1", size=TICKET_SIZE)
+    ticket = "t1" if kind == "file" else "m1"
+    events = []
+
+    def observe(event):
+        if "log_failure" in event or event.get("log_level") in (
+                LogLevel.error, LogLevel.critical):
+            events.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        for i in range(40):
+            # A chunk inside the range (its write may still be in flight
+            # when the next chunk overruns), then the overrunning chunk and
+            # the last chunk, all in one small body.
+            first = b"E" * (4096 + 512 * (i % 8))
+            second = b"E" * (20 + i % 7)
+            body = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
+                            for c in (first, second)) + b"0\r\n\r\n"
+            offset = TICKET_SIZE - len(first) - 10
+            client = await connect(server.address)
+            try:
+                # The connection's backend is open: the first chunk's
+                # write starts at once.
+                r = await client.request("PUT", f"/images/{ticket}",
+                                         {"Content-Range": "bytes 0-*/*"},
+                                         b"E")
+                assert r.status == 200, r
+                r = await client.request(
+                    "PUT", f"/images/{ticket}",
+                    {"Transfer-Encoding": "chunked",
+                     "Content-Range": f"bytes {offset}-*/*"}, body)
+            finally:
+                client.transport.loseConnection()
+            assert r.status == 416, (i, r)
+            assert r.headers["content-range"] == f"bytes */{TICKET_SIZE}"
+            assert r.body == b"Requested range out of allowed range\n"
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not events, [e.get("log_format") for e in events]
+    assert path.read_bytes()[TICKET_SIZE:] == original[TICKET_SIZE:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_chunked_overflow_after_body(server, monkeypatch):
+    # The overrun is found while a write is in flight, and the body ends
+    # before that write returns: the renderer answers. It answered 500
+    # with a critical traceback (_Upload.wait called _translate(None)).
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from imageio.web.request import StreamingRequest
+    from test.test_images import sleep
+    complete = []
+    original = StreamingRequest.requestReceived
+
+    def requestReceived(self, *args):
+        complete.append(self)
+        return original(self, *args)
+    monkeypatch.setattr(StreamingRequest, "requestReceived", requestReceived)
+    events = []
+
+    def observe(event):
+        if "log_failure" in event or event.get("log_level") in (
+                LogLevel.error, LogLevel.critical):
+            events.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        size = 3 * MiB
+        for i in range(10):
+            server.addTicket("t1", size=size)
+            server.holds["t1"] = ["write"]
+            server.opened.clear()
+            complete.clear()
+            client = await connect(server.address)
+            try:
+                d = client.request("PUT", "/images/t1",
+                                   {"Transfer-Encoding": "chunked"},
+                                   b"", send=False)
+                # A write's worth (the backend's 1 MiB requests) and more.
+                first = b"E" * (2 * MiB + i)
+                client.transport.write(b"%x\r\n%s\r\n" % (len(first), first))
+                for _ in range(2000):
+                    if server.opened and server.opened[0].pending:
+                        break
+                    await sleep(0.005)
+                else:
+                    raise AssertionError("no write in flight")
+                # Overruns the ticket by 10 bytes, then ends the body.
+                second = b"E" * (size - len(first) + 10)
+                client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n"
+                                       % (len(second), second))
+                for _ in range(2000):
+                    if complete:
+                        break
+                    await sleep(0.005)
+                else:
+                    raise AssertionError("the body did not end")
+                server.opened[0].release()
+                r = await d
+                assert r.status == 416, (i, r)
+                assert r.body == b"Requested range out of allowed range\n"
+                assert r.headers["content-range"] == f"bytes */{size}"
+            finally:
+                client.transport.loseConnection()
+            # Nothing past the range; only the bytes of the first chunk.
+            assert len(server.images["t1"]) == size
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not events, [e.get("log_format") for e in events]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_patch_zero_without_fast_zero(server, tmp_path, monkeypatch,
+                                            sparse):
+    # A filesystem without FALLOC_FL_ZERO_RANGE/PUNCH_HOLE (the probe
+    # forced to "unsupported"): every zero step is an ordinary one, so a
+    # cancel stops a running zero within one step. The first step used to
+    # be the whole range (up to 64 GiB of written zeroes, uncancellable).
+    from imageio.backends.file import FileBackend
+    from imageio.web import images
+    step = MiB
+    monkeypatch.setattr(images, "MAX_ZERO_STEP", step)
+    monkeypatch.setattr(FileBackend, "_tryFallocate",
+                        lambda self, mode, offset, length: False)
+    calls = []
+    original = FileBackend._zero
+
+    def zero(self, offset, length):
+        # (In a pool thread.) Slow storage: a step takes a while.
+        calls.append(length)
+        time.sleep(0.02)
+        return original(self, offset, length)
+    monkeypatch.setattr(FileBackend, "_zero", zero)
+    size = 64 * MiB
+    path = tmp_path / "zero.raw"
+    path.write_bytes(b"x" * size)
+    server.addTicket("z", size=size, url=f"file://{path}", sparse=sparse)
+    r = await request(server.address, "PATCH", "/images/z",
+                      {"Content-Type": "application/json"},
+                      b'{"op": "zero", "offset": 0, "size": %d}' % (8 * MiB))
+    assert r.status == 200, r
+    assert calls and max(calls) <= step, calls
+    assert path.read_bytes()[:8 * MiB] == bytes(8 * MiB)
+
+    # Cancel a running zero of the whole image: it stops within a few
+    # steps and the DELETE does not time out.
+    calls.clear()
+    client = await connect(server.address)
+    body = b'{"op": "zero", "offset": 0, "size": %d}' % size
+    d = client.request("PATCH", "/images/z",
+                       {"Content-Type": "application/json"}, body)
+    from test.test_images import sleep
+    for _ in range(1000):
+        if calls:
+            break
+        await sleep(0.005)
+    assert calls
+    await server.store.remove("z", 5)
+    r = await d
+    assert r.status == 403, r
+    client.transport.loseConnection()
+    assert max(calls) <= step
+    # Stopped early: far from the 64 steps of the whole image.
+    assert sum(calls) < size, len(calls)

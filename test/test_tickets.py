@@ -201,14 +201,27 @@ class ValidationTests(_Base):
 
     def test_outOfRange(self):
         # SPEC A17: the reference takes these; they are nonsense.
-        for key, value in [("size", -1), ("timeout", -1),
+        for key, value in [("size", -1),
                            ("inactivity_timeout", -5),
                            ("size", MAX_INTEGER + 1),
                            ("timeout", 10**20)]:
+            low = -MAX_INTEGER if key == "timeout" else 0
             self.assertInvalid(
                 ticketDict(**{key: value}),
                 f"Invalid ticket: Invalid value for '{key}': {value}: "
-                f"expecting a value between 0 and {MAX_INTEGER}")
+                f"expecting a value between {low} and {MAX_INTEGER}")
+
+    def test_negativeTimeout(self):
+        # As the reference: accepted, readable, expired.
+        t = self.add(timeout=-1)
+        self.assertEqual(t.info()["timeout"], -1)
+        self.assertTrue(t.expired())
+        self.assertIs(self.store.get(t.uuid), t)
+        with self.assertRaises(errors.Forbidden) as e:
+            self.store.authorize(t.uuid, "read")
+        self.assertIn("expired", e.exception.message)
+        t.extend(300)
+        self.assertFalse(t.expired())
 
     def test_rangeLimitsAccepted(self):
         t = self.add(size=MAX_INTEGER, timeout=0, inactivity_timeout=0)

@@ -324,3 +324,144 @@ def test_killed_worker_restarted_then_sigterm_stops_all(tmp_path, pki):
     assert "Traceback" not in d.output()
     for pid in pids.values():
         assert not alive(pid), pid
+
+
+# Tickets of any size reach every worker (an AMP value holds 64 KiB).
+
+def test_big_ticket_reaches_every_worker(tmp_path, pki):
+    d = start(tmp_path, pki)
+    try:
+        path = makeImage(tmp_path, MiB)
+        big = "x" * 70000
+        ticket = {"uuid": "t1", "size": MiB, "ops": ["read"],
+                  "timeout": 300, "url": "file://" + path,
+                  "transfer_id": big}
+        status, _, body = controlRequest(sock(tmp_path), "PUT",
+                                         "/tickets/t1", ticket)
+        assert status == 200, body
+        assert ticketInfo(tmp_path, "t1")["transfer_id"] == big
+
+        def readAll(n=12):
+            for _ in range(n):
+                con = httpsConnection(d.remotePort, pki.ca)
+                try:
+                    status, _, body = request(con, "GET", "/images/t1", None,
+                                              {"Range": "bytes=0-4095"})
+                finally:
+                    con.close()
+                assert status == 206, body
+        readAll()
+        # A restarted worker gets it in its Hello snapshot, and serves.
+        pids = workerPids(d)
+        os.kill(pids[0], signal.SIGKILL)
+        waitFor(lambda: workerPids(d)[0] != pids[0])
+        waitFor(lambda: f"worker 0 (pid {workerPids(d)[0]}) connected"
+                in d.output())
+        waitFor(lambda: d.output().count("worker 0 serving") >= 2)
+        readAll()
+        assert "Hello failed" not in d.output()
+        assert "No such ticket" not in d.output()
+        assert "TooLong" not in d.output()
+    finally:
+        assert d.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in d.output()
+
+
+def test_hub_survives_send_failures():
+    # A command a worker cannot be sent (AMP raises while encoding) is
+    # logged; it never fails the worker's Hello or the control request.
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from imageio.workers import AddTicket, SharedTicketStore, _BigUnicode
+
+    class Broken:
+        index = 7
+
+        def callRemote(self, command, **kw):
+            raise RuntimeError("cannot encode")
+
+    failures = []
+    observer = failures.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        store = SharedTicketStore(Clock())
+        store.add({"uuid": "t", "size": 1, "ops": ["read"], "timeout": 1,
+                   "url": "file:///x"})
+        worker = Broken()
+        store.hub.hello(worker)
+        assert worker in store.hub.workers
+        d = store.hub.broadcast(AddTicket, gen=1, ticket="{}", expires=0,
+                                canceled=False)
+        assert d.called
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    logged = [e for e in failures if "log_failure" in e]
+    assert len(logged) == 2
+    assert all(e["index"] == 7 for e in logged)
+    # And the big value round-trips.
+    arg = _BigUnicode()
+    strings = {}
+    text = "é" * 100000
+    arg.toBox(b"ticket", strings, {"ticket": text}, None)
+    assert max(len(v) for v in strings.values()) <= 0xFFFF
+    objects = {}
+    arg.fromBox(b"ticket", strings, objects, None)
+    assert objects["ticket"] == text
+
+
+# /metrics adds up the workers' counters and histograms.
+
+def _metric(text, name, **labels):
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(
+                name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    return total if found else None
+
+
+def test_metrics_aggregated_over_workers(tmp_path, pki):
+    d = start(tmp_path, pki)
+    try:
+        path = makeImage(tmp_path, 4 * MiB)
+        ticket = {"uuid": "t1", "size": 4 * MiB, "ops": ["read", "write"],
+                  "timeout": 300, "url": "file://" + path}
+        assert controlRequest(sock(tmp_path), "PUT", "/tickets/t1",
+                              ticket)[0] == 200
+        n = 16
+        for _ in range(n):
+            con = httpsConnection(d.remotePort, pki.ca)
+            try:
+                status, _, body = request(con, "GET", "/images/t1", None,
+                                          {"Range": "bytes=0-65535"})
+                assert status == 206
+                status, _, _ = request(con, "PUT", "/images/t1?flush=n",
+                                       b"x" * 4096)
+                assert status == 200
+            finally:
+                con.close()
+        status, headers, body = controlRequest(sock(tmp_path), "GET",
+                                               "/metrics")
+        assert status == 200
+        text = body.decode()
+        assert _metric(text, "imageio_requests_total", service="remote",
+                       method="GET", status="206") == n
+        assert _metric(text, "imageio_requests_total", service="remote",
+                       method="PUT", status="200") == n
+        assert _metric(text, "imageio_bytes_total", backend="file",
+                       direction="read") == n * 65536
+        assert _metric(text, "imageio_bytes_total", backend="file",
+                       direction="write") == n * 4096
+        assert _metric(text, "imageio_operation_seconds_count",
+                       op="write") >= n
+        # The main process's own series are still there, once each.
+        assert _metric(text, "imageio_tickets") == 1
+        assert text.count("# TYPE imageio_requests_total counter") == 1
+        assert text.count("# TYPE imageio_bytes_total counter") == 1
+    finally:
+        assert d.stop(signal.SIGTERM) == 0

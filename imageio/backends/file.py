@@ -229,8 +229,14 @@ class ThreadTarget:
 def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
     """
     Open C{path} and find its block size. Runs in a pool thread.
+
+    Only a regular file or a block device is an image: anything else (a
+    FIFO above all, whose open and reads block until a writer comes) is
+    refused without blocking (O_NONBLOCK, cleared once the type is known),
+    so it never holds a pool thread that other tickets need.
     """
-    flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_CLOEXEC
+    flags = ((os.O_RDWR if mode == "r+" else os.O_RDONLY) | os.O_CLOEXEC
+             | os.O_NONBLOCK)
     fd = None
     if direct:
         try:
@@ -249,6 +255,10 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         isBlock = stat.S_ISBLK(st.st_mode)
+        if not isBlock and not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL,
+                          "Not a regular file or block device", path)
+        _clearNonBlocking(fd)
         if not direct:
             blockSize = 1
         elif isBlock:
@@ -267,6 +277,7 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
                 os.close(fd)
                 fd = None
                 fd = _osOpen(path, flags)
+                _clearNonBlocking(fd)
                 direct = False
                 blockSize = 1
         return _Opened(fd, isBlock, direct, blockSize)
@@ -274,6 +285,11 @@ def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
         if fd is not None:
             os.close(fd)
         raise
+
+
+def _clearNonBlocking(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL,
+                fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
 
 
 def _probeBlockSize(fd: int) -> int | None:
@@ -324,6 +340,8 @@ class FileBackend:
     @ivar _rmwLock: serialises read-modify-write cycles.
     @ivar _canZeroRange: C{FALLOC_FL_ZERO_RANGE} may work here.
     @ivar _canPunchHole: C{FALLOC_FL_PUNCH_HOLE} may work here.
+    @ivar _zeroRangeWorks: C{FALLOC_FL_ZERO_RANGE} worked here (once).
+    @ivar _punchHoleWorks: C{FALLOC_FL_PUNCH_HOLE} worked here (once).
     @ivar _canFallocate: plain fallocate may work here.
     """
 
@@ -367,6 +385,8 @@ class FileBackend:
         self._canZeroRange = True
         self._canPunchHole = True
         self._canFallocate = True
+        self._zeroRangeWorks = False
+        self._punchHoleWorks = False
 
     @classmethod
     def open(cls, reactor, path: str, *, mode: str = "r+",
@@ -426,13 +446,16 @@ class FileBackend:
         The largest range worth zeroing in one L{zero} call, or C{None} to
         leave it to the caller. Block devices keep the caller's steps (some
         storage times out on large zero requests), and so does any file
-        that may fall back to writing zeroes.
+        that may fall back to writing zeroes: large steps only once fast
+        zeroing worked here, so the first step is an ordinary one (a
+        64 GiB first step on a filesystem without it was 64 GiB of
+        written zeroes that no cancel could stop).
         """
         if self.isBlock:
             return None
-        if self.sparse and self._canPunchHole:
+        if self.sparse and self._punchHoleWorks:
             return FAST_ZERO_STEP
-        if not self.sparse and self._canZeroRange:
+        if not self.sparse and self._zeroRangeWorks:
             return FAST_ZERO_STEP
         return None
 
@@ -795,6 +818,7 @@ class FileBackend:
         """
         if self._canZeroRange:
             if self._tryFallocate(FALLOC_FL_ZERO_RANGE, offset, length):
+                self._zeroRangeWorks = True
                 return
             self._log.debug("{path}: no FALLOC_FL_ZERO_RANGE", path=self.path)
             self._canZeroRange = False
@@ -833,6 +857,7 @@ class FileBackend:
                     return
             if self._tryFallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                   offset, length):
+                self._punchHoleWorks = True
                 return
             self._log.debug("{path}: no FALLOC_FL_PUNCH_HOLE", path=self.path)
             self._canPunchHole = False

@@ -55,14 +55,14 @@ from zope.interface import implementer
 from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import (
-    BackendError, BadRequest, HTTPError, InternalError, UnsupportedOperation)
+    BackendError, BadRequest, HTTPError, UnsupportedOperation)
 from imageio.extents import DirtyExtent, ZeroExtent
 from imageio.transfer import (
     LimitExceeded, ProducerStopped, fireWaiters, whenResult)
 from imageio.units import KiB, MiB
 
 __all__ = ["open", "HTTPBackend", "UploadStream", "uploadStream",
-           "CONNECT_TIMEOUT", "UPLOAD_HIGH_WATER"]
+           "UpstreamTLSError", "CONNECT_TIMEOUT", "UPLOAD_HIGH_WATER"]
 
 _log = Logger()
 
@@ -137,8 +137,8 @@ def open(reactor, url: str, *, mode: str, sparse: bool = False,
         defaults.
     @return: L{Deferred} firing with an L{HTTPBackend}, or failing with an
         L{HTTPError} carrying the remote's status and text, an
-        L{InternalError} naming the host when its certificate is refused,
-        or a L{BackendError}.
+        L{UpstreamTLSError} naming the host when its certificate is refused
+        (logged; a generic 500 for the client), or a L{BackendError}.
     """
     return defer.ensureDeferred(_open(reactor, url, mode, config))
 
@@ -295,6 +295,14 @@ def _find(failure: Failure, *types):
             if isinstance(inner, Failure):
                 seen.append(inner)
     return None
+
+
+class UpstreamTLSError(BackendError):
+    """
+    The TLS connection to the remote failed (its certificate refused, or
+    the handshake). The text names the remote's host and port: it goes to
+    the log only, and the client gets the generic 500.
+    """
 
 
 def _tlsFailure(failure: Failure):
@@ -603,7 +611,8 @@ class HTTPBackend:
         Send one request to the remote's image url.
 
         @return: L{Deferred} firing with the unbuffered response, or failing
-            with L{InternalError} (certificate refused) or L{BackendError}
+            with L{UpstreamTLSError} (certificate refused, handshake
+            failed) or L{BackendError}
             (connection failed).
         """
         client = client or self._client
@@ -635,9 +644,13 @@ class HTTPBackend:
                            f"{reason}")
             else:
                 message = f"TLS connection to {self._netloc} failed: {reason}"
+            # Logged in full (errorResponse logs the traceback, with this
+            # text); the client gets the generic 500 text: the backend's
+            # host and port are no business of the image's client (the
+            # reference answers the same).
             _log.error("{method} {where}: {message}", method=method,
                        where=where, message=message)
-            raise InternalError(message) from failure.value
+            raise UpstreamTLSError(message) from failure.value
         if _find(failure, defer.CancelledError) is not None:
             raise BackendError(f"{method} {where}: timed out") \
                 from failure.value

@@ -20,6 +20,7 @@ import os
 from urllib.parse import unquote
 
 from twisted.internet import defer
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET
@@ -29,7 +30,7 @@ from imageio import __version__
 from imageio import errors
 
 __all__ = [
-    "Request", "Resource", "Root", "asyncRender", "errorResponse",
+    "Channel", "Request", "Resource", "Root", "asyncRender", "errorResponse",
     "jsonBody", "textBody", "emptyResponse", "cors", "queryArgs",
     "requestPath", "makeSite", "SERVER",
 ]
@@ -40,6 +41,59 @@ ALLOWED_METHODS = frozenset(
     [b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"])
 
 GENERIC_ERROR = "Server failed to perform the request, check logs"
+
+MAX_REQUEST_LINE = 4096
+"""
+The longest request line, its CRLF included; a longer one is answered 414
+(the reference's limit).
+"""
+
+MAX_HEADER_LINE = 65536
+"""
+The longest header line, its CRLF included; a longer one is answered 431
+(the limit of the reference's C{http.client}).
+"""
+
+MAX_HEADERS = 100
+"""
+The most header lines a request may have; more are answered 431 (the
+limit of the reference's C{http.client}).
+"""
+
+MAX_HEAD = 256 * 1024
+"""
+The largest request head (request line and header lines); a larger one is
+answered 431. The reference has no such bound (only MAX_HEADERS lines of
+MAX_HEADER_LINE bytes); ours keeps the memory a connection can hold small.
+"""
+
+REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    204: b"No Content",
+    206: b"Partial Content",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    409: b"Conflict",
+    413: b"Request Entity Too Large",
+    414: b"Request-URI Too Long",
+    416: b"Requested Range Not Satisfiable",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+"""
+The reason phrase of every status we send: the phrases of the reference's
+Python (3.11, C{http.server.BaseHTTPRequestHandler.responses}), which
+differ from Twisted's for some codes (416) and from newer Pythons' for
+others (413, 416). C{test_http.test_reason_phrases} compares them with
+the reference's table.
+"""
 
 # Storage conditions the user can act on: a 500 like any backend failure
 # (clients of the reference expect it), but the text names the condition
@@ -257,18 +311,19 @@ def queryArgs(request) -> dict[str, str]:
         raise errors.BadRequest("Invalid query string: not UTF-8")
 
 
-def readJSON(request, what: str = "message"):
+def readJSON(request, prefix: str = "Invalid JSON message "):
     """
     Decode a (small, already received) JSON request body into an object.
 
-    @raise errors.BadRequest: with the reference's text for bad JSON, or for
-        a document that is not a JSON object (SPEC A17).
+    @param prefix: the text before the decoder's message in the error, as
+        the reference words it for this request.
+    @raise errors.BadRequest: the body is not JSON (SPEC A17).
     """
     data = request.content.read() if request.content is not None else b""
     try:
         obj = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise errors.BadRequest(f"Invalid JSON {what}: {e}")
+        raise errors.BadRequest(f"{prefix}{e}")
     return obj
 
 
@@ -295,6 +350,18 @@ class Request(server.Request):
         if metrics is not None:
             metrics.trackRequest(self, site.metricsService)
 
+    headError = None
+    """
+    An error found in the request head that does not break the framing
+    (a bad C{Content-Length}), answered instead of the request; set by
+    L{Channel}.
+    """
+
+    def setResponseCode(self, code, message=None):
+        if message is None:
+            message = REASONS.get(code)
+        super().setResponseCode(code, message)
+
     def process(self):
         self.site = self.channel.site
         self.setHeader(b"server", SERVER)
@@ -302,9 +369,16 @@ class Request(server.Request):
         self.prepath = []
         self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))
         try:
+            if self.headError is not None:
+                raise self.headError
             if self.method not in ALLOWED_METHODS:
                 raise errors.MethodNotAllowed(
                     f"Invalid method {_method(self)!r}")
+            if not self.path.startswith(b"/"):
+                # "*", "Ximages/x", an absolute URI: no route matches (the
+                # tree below would route it without its first byte).
+                raise errors.NotFound(
+                    f"No handler for {requestPath(self)!r}")
             resrc = self.site.getResourceFor(self)
             body = resrc.render(self)
             if body is NOT_DONE_YET:
@@ -316,6 +390,180 @@ class Request(server.Request):
     def processingFailed(self, reason):
         errorResponse(self, reason)
         return reason
+
+
+class Channel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection of any imageio service.
+
+    Adds to L{http.HTTPChannel} the reference's limits on the request head,
+    each answered with a text and a close (414 for the request line, 431
+    for header lines, their number and the head's size, 400 for bad
+    syntax), the reference's 400 for a bad C{Content-Length} (the
+    connection is kept; the body is taken as empty), and a lingering close
+    after such an early answer.
+
+    @ivar _discarding: input is dropped (an early error response was sent
+        while the client may still be sending).
+    @ivar _lost: the connection is gone.
+    @ivar _badLength: the text of the 400 answering the current request's
+        bad C{Content-Length}, or C{None}.
+    """
+
+    _log = Logger()
+
+    MAX_LENGTH = MAX_HEADER_LINE - 2
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEAD
+
+    LINGER = 5
+    """
+    Seconds a connection refusing a request keeps reading (and dropping)
+    what the client sends after the error response, before it is closed.
+    """
+
+    _lingering = None
+    _badLength = None
+
+    def __init__(self):
+        super().__init__()
+        self._discarding = False
+        self._lost = False
+
+    # Input.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # Twisted 26.10: HTTPChannel sets _command once the request line is
+        # parsed and deletes it when the request is complete; it counts the
+        # head in _receivedHeaderSize.
+        # Guarded by test_fuzz.test_oversized_head.
+        if self._discarding:
+            return
+        if not hasattr(self, "_command"):
+            if len(line) + 2 > MAX_REQUEST_LINE:
+                self._refuseHead(414, b"Request-URI Too Long",
+                                 "Request-URI Too Long")
+                return
+        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuseHead(431, b"Request Header Fields Too Large",
+                             "Request header fields too large")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver closes the transport itself, which never happens on
+        # TLS while this channel is the transport's producer (the request
+        # then hung until the idle timeout).
+        if not hasattr(self, "_command"):
+            self._refuseHead(414, b"Request-URI Too Long",
+                             "Request-URI Too Long")
+        else:
+            self._refuseHead(431, b"Line too long", "Line too long")
+
+    def headerReceived(self, line: bytes) -> bool:
+        # Twisted 26.10: _receivedHeaderCount, see lineReceived.
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuseHead(431, b"Too many headers", "Too many headers")
+            return False
+        return super().headerReceived(line)
+
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # Twisted 26.10: headerReceived calls this with the canonical name
+        # and the stripped value; it refuses a non-digit Content-Length
+        # with a bare 400 and a close. The reference parses it with int()
+        # and answers 400 with a text, keeping the connection (the body is
+        # then taken as empty).
+        # Guarded by test_fuzz.test_bad_content_length.
+        if header == b"Content-Length":
+            text = data.decode("latin-1")
+            try:
+                length = int(text)
+            except ValueError:
+                self._badLength = f"Invalid Content-Length: {text!r}"
+                return True
+            if length < 0:
+                self._badLength = f"Negative Content-Length: {length}"
+                return True
+            data = b"%d" % length
+        return super()._maybeChooseTransferDecoder(header, data)
+
+    def allHeadersReceived(self) -> None:
+        if self._badLength is not None:
+            self.requests[-1].headError = errors.BadRequest(self._badLength)
+            self._badLength = None
+        super().allHeadersReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuseHead(400, b"Bad Request", "Bad request")
+
+    def _refuseHead(self, code: int, phrase: bytes, message: str) -> None:
+        """
+        Answer a request whose head cannot be parsed or is too large, and
+        close the connection (lingering: the client may still be sending).
+        """
+        if self._discarding or self.transport is None:
+            return
+        self._log.info("Refusing request from {peer}: {code} {message}",
+                       peer=str(self.transport.getPeer()), code=code,
+                       message=message)
+        body = (message + "\n").encode("utf-8")
+        self.transport.write(b"".join([
+            b"HTTP/1.1 %d %s\r\n" % (code, phrase),
+            b"server: " + SERVER + b"\r\n",
+            b"date: " + http.datetimeToString() + b"\r\n",
+            b"content-type: text/plain; charset=UTF-8\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n", body]))
+        self.persistent = False
+        self.discardInput()
+        self.loseConnection()
+
+    def discardInput(self) -> None:
+        """
+        Drop everything the client sends from now on: the connection will
+        close once the error response is sent.
+        """
+        self._discarding = True
+
+    def loseConnection(self):
+        if not self._discarding or self._lost or self.transport is None:
+            return super().loseConnection()
+        if self._lingering is not None:
+            return
+        # Lingering close. The client may still be sending what we refused;
+        # closing a socket with unread input makes the kernel send a reset,
+        # which can destroy our response before the client reads it. So
+        # end our side only (FIN after the response; a TLS connection sends
+        # close_notify and waits for the peer's), keep dropping input, and
+        # close for good after LINGER seconds.
+        # Twisted 26.10: what HTTPChannel.loseConnection does first.
+        # Guarded by test_request.test_networkProducer.
+        self._networkProducer.unregisterProducer()
+        transport = self.transport
+        halfClose = getattr(transport, "loseWriteConnection", None)
+        if halfClose is not None and not isinstance(
+                transport, TLSMemoryBIOProtocol):
+            halfClose()
+        else:
+            transport.loseConnection()
+        self._lingering = self.callLater(self.LINGER, self._endLinger)
+
+    def _endLinger(self) -> None:
+        self._lingering = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self._lost = True
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        super().connectionLost(reason)
 
 
 class Resource(resource.Resource):
@@ -394,14 +642,14 @@ def makeSite(root, *, reactor, requestFactory=Request, channelFactory=None,
     A L{server.Site} for one service.
 
     @param channelFactory: if given, a zero-argument callable building the
-        L{http.HTTPChannel} for each connection (the images services use one
-        that owns the connection's backends). HTTP/2 is never offered.
+        L{Channel} for each connection (the images services use one that
+        owns the connection's backends); L{Channel} by default. HTTP/2 is
+        never offered.
     @param timeout: idle seconds before a connection is dropped (the
         reference's 60 s for connections not yet bound to a ticket).
     """
     site = _Site(root, requestFactory=requestFactory, reactor=reactor)
     site.timeOut = timeout
     site.displayTracebacks = False
-    if channelFactory is not None:
-        site.protocol = channelFactory
+    site.protocol = channelFactory if channelFactory is not None else Channel
     return site

@@ -221,9 +221,12 @@ class _Upload:
 
     def _translate(self, failure):
         if failure.check(transfer.LimitExceeded):
-            return errors.RangeNotSatisfiable(
-                "Requested range out of allowed range", self.ticket.size)
+            return self._outOfRange()
         return failure
+
+    def _outOfRange(self) -> errors.HTTPError:
+        return errors.RangeNotSatisfiable(
+            "Requested range out of allowed range", self.ticket.size)
 
     # Sink interface for StreamingRequest.
 
@@ -238,7 +241,16 @@ class _Upload:
         whenAttached = getattr(self.sink, "whenAttached", None)
         if whenAttached is None:
             return defer.succeed(None)
-        return whenAttached().addCallback(lambda _: self.sink.drain())
+
+        def attached(_):
+            # Only a backend the thread may write to waits for the bytes
+            # before the thread's (a slow nbd write would delay the
+            # hand-off for nothing).
+            if getattr(self.sink.backend, "threadTarget", None) is None:
+                return None
+            return self.sink.drain()
+
+        return whenAttached().addCallback(attached)
 
     def directTarget(self):
         """
@@ -261,7 +273,9 @@ class _Upload:
         try:
             return await self.sink.whenDone()
         except transfer.LimitExceeded:
-            raise self._translate(None) from None
+            # The overrun was found while a write was in flight and the
+            # body ended before it returned: the renderer answers.
+            raise self._outOfRange() from None
 
 
 class _Handler(Resource):
@@ -496,10 +510,12 @@ class _Image(_Handler):
         stats = metrics.forRequest(request)
         meter = stats.meter(backend)
         op = ticket.startOperation(offset, size)
-        # Steps as large as the backend says zeroing stays cheap (a sparse
-        # file punches 64 GiB holes at once), and as many in flight as its
-        # writes (an NBD connection keeps them in order).
-        maxStep = getattr(backend, "maxZeroStep", None) or MAX_ZERO_STEP
+        # Steps as large as the backend says zeroing stays cheap *now* (a
+        # sparse file punches 64 GiB holes at once, once it did one; asked
+        # again before each step, since the first steps tell the backend
+        # what the filesystem can do), else ordinary steps a cancel can
+        # stop between; as many in flight as its writes (an NBD connection
+        # keeps them in order).
         depth = transfer.writeDepth(backend)
         pending: deque = deque()
         try:
@@ -507,6 +523,8 @@ class _Image(_Handler):
             while pos < end or pending:
                 while pos < end and len(pending) < depth:
                     op.check()
+                    maxStep = (getattr(backend, "maxZeroStep", None)
+                               or MAX_ZERO_STEP)
                     step = min(end - pos, maxStep)
                     pending.append((backend.zero(pos, step), step,
                                     time.monotonic()))

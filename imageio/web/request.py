@@ -31,7 +31,8 @@ from imageio.logs import Logger
 from imageio import errors
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
-from imageio.web.http import SERVER, Request, errorResponse
+from imageio.web.http import (
+    SERVER, Channel, Request, errorResponse, requestPath)
 
 __all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
            "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "PLAIN_RECEIVE_SIZE",
@@ -158,60 +159,20 @@ class BackendContext:
         return self._closeBackend(backend)
 
 
-class ImageioChannel(http.HTTPChannel):
+class ImageioChannel(Channel):
     """
     An HTTP/1.1 connection of the images services.
 
     @ivar _contexts: L{BackendContext} by ticket uuid.
-    @ivar _discarding: input is dropped (an early error response was sent
-        while a body was still arriving).
-    @ivar _lost: the connection is gone.
     """
 
     _log = Logger()
 
-    LINGER = 5
-    """
-    Seconds a connection refusing a request body keeps reading (and
-    dropping) the body after the error response, before it is closed.
-    """
-
-    _lingering = None
     _stall = None
 
     def __init__(self):
         super().__init__()
         self._contexts: dict[str, BackendContext] = {}
-        self._discarding = False
-        self._lost = False
-
-    # Input.
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._discarding:
-            return
-        super().dataReceived(data)
-
-    def loseConnection(self):
-        if not self._discarding or self._lost or self.transport is None:
-            return super().loseConnection()
-        # Lingering close. The client may still be sending the body we
-        # refused; closing a socket with unread input makes the kernel send
-        # a reset, which can destroy our response before the client reads
-        # it. So end our side only (FIN after the response; a TLS
-        # connection sends close_notify and waits for the peer's), keep
-        # dropping input, and close for good after LINGER seconds.
-        # Twisted 26.10: what HTTPChannel.loseConnection does first.
-        # Guarded by test_request.test_networkProducer.
-        self._networkProducer.unregisterProducer()
-        transport = self.transport
-        halfClose = getattr(transport, "loseWriteConnection", None)
-        if halfClose is not None and not isinstance(
-                transport, TLSMemoryBIOProtocol):
-            halfClose()
-        else:
-            transport.loseConnection()
-        self._lingering = self.callLater(self.LINGER, self._endLinger)
 
     # Output.
 
@@ -247,19 +208,6 @@ class ImageioChannel(http.HTTPChannel):
         self._log.info("Client {peer} stopped reading, closing the "
                        "connection", peer=str(self.transport.getPeer()))
         self.transport.abortConnection()
-
-    def _endLinger(self) -> None:
-        self._lingering = None
-        if not self._lost:
-            self.transport.abortConnection()
-
-    def discardInput(self) -> None:
-        """
-        Drop everything the client sends from now on: the parser is in the
-        middle of a body we refused, and the connection will close once
-        the error response is sent.
-        """
-        self._discarding = True
 
     # Per-ticket backends.
 
@@ -308,9 +256,6 @@ class ImageioChannel(http.HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
-        if self._lingering is not None:
-            self._lingering.cancel()
-            self._lingering = None
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
@@ -401,6 +346,10 @@ class StreamingRequest(Request):
             self.method, self.uri, self.clientproto = command, path, version
             self.path = path.split(b"?", 1)[0]
             self.args = _queryArgs(path)
+        if self.headError is not None:
+            # Answered once the (empty) body is read, by process().
+            self._discardBody = True
+            return
         if command == b"PUT" and path is not None:
             try:
                 sink = self._routeBody(length)
@@ -417,6 +366,10 @@ class StreamingRequest(Request):
                 f"{self.maxBufferedBody}")))
 
     def _routeBody(self, length):
+        if not self.path.startswith(b"/"):
+            # As Request.process: no route matches.
+            raise errors.NotFound(
+                f"No handler for {requestPath(self)!r}", close=True)
         site = self.channel.site
         self.prepath = []
         self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))

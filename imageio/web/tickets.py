@@ -11,7 +11,7 @@ from imageio.logs import Logger
 from imageio import errors
 from imageio.web import validate
 from imageio.web.http import (
-    Resource, asyncRender, emptyResponse, jsonBody, readJSON)
+    Resource, asyncRender, emptyResponse, jsonBody, readJSON, requestPath)
 
 __all__ = ["Tickets"]
 
@@ -19,10 +19,6 @@ __all__ = ["Tickets"]
 def _ticketId(request) -> str:
     # "/tickets/(.*)": the id is the rest of the path, slashes included.
     return "/".join(p.decode("utf-8", "replace") for p in request.postpath)
-
-
-def _reason(e: errors.BadRequest) -> str:
-    return e.message.split(": ", 1)[-1]
 
 
 class Tickets(Resource):
@@ -41,6 +37,13 @@ class Tickets(Resource):
         self.store = store
         self.removeTimeout = removeTimeout
 
+    def render(self, request):
+        if not request.postpath:
+            # "/tickets" without the slash: the reference's route is
+            # "/tickets/(.*)".
+            raise errors.NotFound(f"No handler for {requestPath(request)!r}")
+        return super().render(request)
+
     def _requireId(self, request) -> str:
         ticketId = _ticketId(request)
         if not ticketId:
@@ -58,11 +61,7 @@ class Tickets(Resource):
     @asyncRender
     async def render_PUT(self, request):
         self._requireId(request)
-        try:
-            obj = readJSON(request)
-        except errors.BadRequest as e:
-            raise errors.BadRequest(
-                "Ticket is not in a json format: " + _reason(e))
+        obj = readJSON(request, "Ticket is not in a json format: ")
         ticket = self.store.add(obj)
         self._log.info("Ticket {uuid} added: transfer={transfer} ops={ops} "
                        "size={size} url={url}", uuid=ticket.uuid,
@@ -74,10 +73,7 @@ class Tickets(Resource):
     @asyncRender
     async def render_PATCH(self, request):
         ticketId = self._requireId(request)
-        try:
-            obj = readJSON(request)
-        except errors.BadRequest as e:
-            raise errors.BadRequest("Invalid patch: " + _reason(e))
+        obj = readJSON(request, "Invalid patch: ")
         validate.requireObject(obj, "patch")
         timeout = validate.integer(obj, "timeout", minval=0)
         try:
