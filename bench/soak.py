@@ -781,6 +781,8 @@ class Monitor(threading.Thread):
         while not self.stop.wait(SAMPLE_EVERY):
             try:
                 self.sample()
+                if os.environ.get("SOAK_MAPPINGS"):
+                    self.mappings()
             except OSError as e:
                 log(f"sampling failed: {e}")
 
