@@ -295,13 +295,13 @@ async def test_stalled_client_times_out(tlsServer, tmp_path):
     sock.close()
 
 
-def test_sendfileSource(tmp_path):
+def test_pageCacheSource(tmp_path):
     from imageio.backends.file import FileBackend
     path = tmp_path / "f.raw"
     path.write_bytes(b"x" * 8192)
     regular = FileBackend(reactor, None, os.open(path, os.O_RDONLY),
                           str(path), mode="r")
-    fd = regular.sendfileSource()
+    fd = regular.pageCacheSource()
     try:
         # A descriptor of its own, through the page cache.
         assert fd is not None and fd != regular._fd
@@ -313,7 +313,7 @@ def test_sendfileSource(tmp_path):
     # host, and our page cache would serve stale pages.
     block = FileBackend(reactor, None, os.open(path, os.O_RDONLY),
                         str(path), mode="r", isBlock=True)
-    assert block.sendfileSource() is None
+    assert block.pageCacheSource() is None
     os.close(regular._fd)
     os.close(block._fd)
 

@@ -475,10 +475,10 @@ class FileBackend:
             return None
         return ThreadTarget(fd, self.path, self.blockSize)
 
-    def sendfileSource(self) -> int | None:
+    def pageCacheSource(self) -> int | None:
         """
-        A new read-only descriptor of this file for C{os.sendfile}
-        (L{imageio.web.bodywriter}), owned by the caller; C{None} for a
+        A new read-only descriptor of this file for the writer thread's
+        reads (L{imageio.web.bodywriter}), owned by the caller; C{None} for a
         block device, if the backend is closed, or if the file cannot be
         opened again.
 
@@ -498,7 +498,7 @@ class FileBackend:
             return os.open(f"/proc/self/fd/{fd}",
                            os.O_RDONLY | os.O_CLOEXEC)
         except (BackendError, OSError) as e:
-            self._log.debug("No sendfile source for {path}: {error}",
+            self._log.debug("No page cache source for {path}: {error}",
                             path=self.path, error=e)
             return None
 

@@ -148,8 +148,7 @@ class SocketReader:
         self._started = False
         self._sock = None
         self._pendingOutput = b""
-        self._later: list[bytes] = []
-        self._savedWrite = None
+        self._shadows = None
         self._result = None
         self._waiters: list[defer.Deferred] = []
         self.active = True
@@ -531,40 +530,17 @@ class SocketReader:
 
     def _guard(self) -> None:
         # Twisted must not read the socket while the thread does: every
-        # way of starting or stopping its reads pauses or resumes the
-        # thread instead (a TLS transport passes them on to the socket's,
-        # Twisted 26.10 ProtocolWrapper.__getattr__). Output waits until
-        # the socket is handed back.
-        t = self._raw
-        t.pauseProducing = t.stopReading = self._pause
-        t.resumeProducing = t.startReading = self._resume
-        for target in {id(self._tls): self._tls, id(t): t}.values():
-            target.abortConnection = self._abortFromOutside
-            target.loseConnection = self._loseFromOutside
-        self._savedWrite = self._tls.__dict__.get("write")
-        self._tls.write = self._laterWrite
-        self._tls.writeSequence = self._laterWriteSequence
+        # way of starting or stopping its reads resumes or pauses the
+        # thread instead; output waits until the socket is handed back.
+        self._shadows = handoff.Shadows(
+            self._tls, self._raw, startReading=self._resume,
+            stopReading=self._pause, abort=self._abortFromOutside,
+            lose=self._loseFromOutside)
 
     def _unguard(self) -> None:
         if self._started:
             handoff.restoreConnection(self._tls, self._conn)
-        for target in (self._tls, self._raw):
-            for name in ("pauseProducing", "resumeProducing", "stopReading",
-                         "startReading", "abortConnection", "loseConnection",
-                         "write", "writeSequence"):
-                target.__dict__.pop(name, None)
-        if self._savedWrite is not None:
-            # BufferingTLSTransport's own instance attribute (Twisted 26.10).
-            self._tls.write = self._savedWrite
-        later, self._later = self._later, []
-        for data in later:
-            self._tls.write(data)
-
-    def _laterWrite(self, data) -> None:
-        self._later.append(bytes(data))
-
-    def _laterWriteSequence(self, seq) -> None:
-        self._laterWrite(b"".join(seq))
+        self._shadows.restore()
 
     def _pause(self) -> None:
         with self._cond:

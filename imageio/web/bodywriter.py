@@ -12,9 +12,8 @@ the body of one large response instead: the reactor still parses the
 request, writes the headers, reads the backend and keeps the books
 (operation, metrics, backpressure), but a thread encrypts the body (the
 calls into OpenSSL release the GIL) and writes it with blocking I/O in
-large pieces; a file backend's ranges are read by the thread itself
-(C{sendfile} on a plain socket), without leaving the image in the page
-cache. When the body is done the connection is handed back to Twisted,
+large pieces; a file backend's ranges are read by the thread itself,
+without leaving the image in the page cache. When the body is done the connection is handed back to Twisted,
 and keep-alive goes on as before.
 
 The hand-off follows the rules of L{imageio.web.handoff} (taken from
@@ -33,7 +32,6 @@ import errno
 import mmap
 import os
 import select
-import socket
 import threading
 from collections import deque
 
@@ -90,11 +88,6 @@ _SEND_SIZE = 1 * MiB
 """
 Most bytes of one C{os.write} call, and the size of the thread's buffers
 (ciphertext drained from OpenSSL, file bytes read over TLS).
-"""
-
-_SENDFILE_SIZE = 8 * MiB
-"""
-Most bytes of one C{sendfile} call (no buffer in the process).
 """
 
 _TLS_SLACK = 64 * 1024
@@ -162,9 +155,8 @@ def running() -> int:
 
 class FileRegion:
     """
-    A range of a file for a plain connection's writer to send with
-    C{os.sendfile}: what a L{SocketWriter.sourceFor} view returns instead
-    of bytes.
+    A range of a file for the writer thread to read and send itself:
+    what a L{SocketWriter.sourceFor} view returns instead of bytes.
 
     @ivar fd: a descriptor of the file owned by the writer.
     """
@@ -283,8 +275,7 @@ class SocketWriter:
         self._outBuffer = None
         self._outView = None
         self._readWanted = True
-        self._savedWrite = None
-        self._later: list[bytes] = []
+        self._shadows = None
         self.failed: Failure | None = None
         self._result = None
         self._waiters: list[defer.Deferred] = []
@@ -351,8 +342,6 @@ class SocketWriter:
         self._pendingOutput = handoff.takeOutput(self._tls, raw, self._conn)
         self._sock = handoff.ThreadSocket(raw.fileno())
         self._fd = self._sock.fd
-        self._useSendfile = (self._conn is None and
-                             self._sock.sock.family != socket.AF_UNIX)
         channel = request.channel
         # Twisted 26.10: the idle timeout of a connection that handles a
         # request waits in _savedTimeOut (see ImageioChannel).
@@ -386,14 +375,13 @@ class SocketWriter:
         """
         A view of C{backend} whose reads return L{FileRegion}s, or
         C{backend} itself when that is not possible (not a file backend,
-        a block device). The thread sends a region with C{sendfile} on a
-        plain socket; over TLS it reads it into its own buffer and
-        encrypts from there (no pool thread, no copy into a new object, no
-        reactor turn per chunk). Holes are not read at all, the reads run
-        ahead of the sending, and the pages read are dropped from the
-        page cache behind it.
+        a block device). The thread reads a region into its own buffer and
+        sends it from there, encrypted over TLS (no pool thread, no copy
+        into a new object, no reactor turn per chunk). Holes are not read
+        at all, the reads run ahead of the sending, and the pages read are
+        dropped from the page cache behind it.
         """
-        reopen = getattr(backend, "sendfileSource", None)
+        reopen = getattr(backend, "pageCacheSource", None)
         if reopen is None:
             return backend
         fd = reopen()
@@ -610,19 +598,19 @@ class SocketWriter:
 
     def _sendRegion(self, region: FileRegion, out, poller) -> None:
         """
-        Send a file region: holes as zeroes without reading them, data by
-        C{sendfile} (TCP) or read into the thread's buffer and written
-        (unix sockets; encrypted first over TLS), the next chunk read ahead
-        by the kernel while this one is sent, and the pages dropped from
-        the page cache once sent (a host running VMs must not lose its
-        cache to a backup; the reference reads with C{O_DIRECT} for the
-        same reason).
+        Send a file region: holes as zeroes without reading them, data
+        read into the thread's buffer and written (encrypted first over
+        TLS), the next region read ahead by the kernel while this one is
+        sent, and the pages dropped from the page cache once sent (a host
+        running VMs must not lose its cache to a backup; the reference
+        reads with C{O_DIRECT} for the same reason).
 
-        No C{sendfile} to unix sockets: the pages it splices into one are
-        not charged to the socket's buffer (Linux 6.x), so the sender
-        runs ahead of a slow reader by hundreds of MiB of page cache that
-        nothing can drop until the reader takes them (seen: 144 MiB of a
-        1 GiB image left cached after the download).
+        No C{sendfile}: the pages it splices into a socket stay referenced
+        until the peer reads them, and are not charged to the socket's
+        buffer in full (Linux 6.x), so the sender runs ahead of a slow
+        reader by hundreds of MiB of page cache that nothing can drop
+        meanwhile (seen: 144 MiB of a 1 GiB image left cached on a unix
+        socket, 166 MiB on TCP under load).
         """
         fd = region.fd
         start = region.offset
@@ -643,13 +631,10 @@ class SocketWriter:
                 if ahead > 0:
                     os.posix_fadvise(fd, offset + n, ahead,
                                      os.POSIX_FADV_WILLNEED)
-                if self._useSendfile:
-                    self._sendfile(fd, offset, n, poller)
-                else:
-                    self._readAndSend(fd, offset, n, out, poller)
+                self._readAndSend(fd, offset, n, out, poller)
                 # Dropped behind the cursor, with the last _READ_AHEAD
-                # bytes again: pages still queued on a socket (sendfile)
-                # are kept the first time.
+                # bytes again (pages still being read ahead are kept the
+                # first time).
                 back = max(self._bodyStart, offset - _READ_AHEAD)
                 os.posix_fadvise(fd, back, offset + n - back,
                                  os.POSIX_FADV_DONTNEED)
@@ -693,19 +678,6 @@ class SocketWriter:
             self._send(view[:n], out, poller)
             offset += n
 
-    def _sendfile(self, fd: int, offset: int, length: int, poller) -> None:
-        end = offset + length
-        while offset < end:
-            try:
-                n = os.sendfile(self._fd, fd, offset,
-                                min(end - offset, _SENDFILE_SIZE))
-            except BlockingIOError:
-                self._wait(poller)
-                continue
-            if n == 0:
-                raise OSError(errno.EIO, "The file ended before the range")
-            offset += n
-
     # Back in the reactor.
 
     def _threadDone(self, error) -> None:
@@ -744,43 +716,17 @@ class SocketWriter:
     # Guarding the transport while the thread owns it.
 
     def _guard(self) -> None:
-        # Instance attributes shadow the methods until _unguard. Reading
-        # stays off (rule 6). The channel resumes its transport after
-        # other requests and a TLS transport passes pause/resume on to the
-        # socket's (Twisted 26.10, ProtocolWrapper.__getattr__); those
-        # calls are recorded and applied when the socket is handed back.
-        for target in {id(self._tls): self._tls,
-                       id(self._raw): self._raw}.values():
-            target.abortConnection = self._abortFromOutside
-            target.loseConnection = self._abortFromOutside
-        raw = self._raw
-        raw.startReading = raw.resumeProducing = self._wantReading
-        raw.stopReading = raw.pauseProducing = self._wantNoReading
-        # Output from the reactor waits until the socket is handed back
-        # (over TLS the guard would refuse it).
-        self._savedWrite = self._tls.__dict__.get("write")
-        self._tls.write = self._laterWrite
-        self._tls.writeSequence = self._laterWriteSequence
+        # Reading stays off while the thread owns the connection; the
+        # calls that would start or stop it are recorded and applied when
+        # the socket is handed back. A close or abort stops the thread.
+        self._shadows = handoff.Shadows(
+            self._tls, self._raw, startReading=self._wantReading,
+            stopReading=self._wantNoReading, abort=self._abortFromOutside,
+            lose=self._abortFromOutside)
 
     def _unguard(self) -> None:
         handoff.restoreConnection(self._tls, self._conn)
-        for target in (self._tls, self._raw):
-            for name in ("abortConnection", "loseConnection", "startReading",
-                         "resumeProducing", "stopReading", "pauseProducing",
-                         "write", "writeSequence"):
-                target.__dict__.pop(name, None)
-        if self._savedWrite is not None:
-            # BufferingTLSTransport's own instance attribute (Twisted 26.10).
-            self._tls.write = self._savedWrite
-        later, self._later = self._later, []
-        for data in later:
-            self._tls.write(data)
-
-    def _laterWrite(self, data) -> None:
-        self._later.append(bytes(data))
-
-    def _laterWriteSequence(self, seq) -> None:
-        self._laterWrite(b"".join(seq))
+        self._shadows.restore()
 
     def _wantReading(self) -> None:
         self._readWanted = True

@@ -53,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover - a future pyOpenSSL
     ffi = lib = None
 
-__all__ = ["Guard", "GuardTripped", "ThreadSocket", "tlsConnection",
+__all__ = ["Guard", "GuardTripped", "Shadows", "ThreadSocket", "tlsConnection",
            "usable", "takeOutput", "restoreConnection", "flushReceived",
            "pending", "clearPending", "ffi", "lib"]
 
@@ -129,6 +129,57 @@ class ThreadSocket:
             self._closed = True
             self.sock.close()
             self.fd = -1
+
+
+class Shadows:
+    """
+    Instance attributes standing in for a connection's transport methods
+    while a thread owns it (rule 6): starting and stopping the socket's
+    reads, closing and aborting call the thread's owner instead, and
+    writes wait, to be replayed by L{restore}. The channel resumes its
+    transport after a request, and a TLS transport passes pause and
+    resume on to the socket's (Twisted 26.10, C{ProtocolWrapper
+    .__getattr__}), so the socket's own methods are shadowed too.
+    """
+
+    _NAMES = ("abortConnection", "loseConnection", "startReading",
+              "resumeProducing", "stopReading", "pauseProducing", "write",
+              "writeSequence")
+
+    def __init__(self, tls, raw, *, startReading, stopReading, abort,
+                 lose):
+        self._tls = tls
+        self._raw = raw
+        self._later: list[bytes] = []
+        for target in {id(tls): tls, id(raw): raw}.values():
+            target.abortConnection = abort
+            target.loseConnection = lose
+        raw.startReading = raw.resumeProducing = startReading
+        raw.stopReading = raw.pauseProducing = stopReading
+        # BufferingTLSTransport's write is an instance attribute of its own
+        # (Twisted 26.10): kept, and put back.
+        self._savedWrite = tls.__dict__.get("write")
+        tls.write = self._write
+        tls.writeSequence = self._writeSequence
+
+    def _write(self, data) -> None:
+        self._later.append(bytes(data))
+
+    def _writeSequence(self, seq) -> None:
+        self._write(b"".join(seq))
+
+    def restore(self) -> None:
+        """
+        Take the shadows away and send the writes made meanwhile.
+        """
+        for target in (self._tls, self._raw):
+            for name in self._NAMES:
+                target.__dict__.pop(name, None)
+        if self._savedWrite is not None:
+            self._tls.write = self._savedWrite
+        later, self._later = self._later, []
+        for data in later:
+            self._tls.write(data)
 
 
 def pending(raw) -> bytes | None:
