@@ -820,3 +820,65 @@ def test_reference_from_env(monkeypatch, tmp_path):
     os.symlink(sys.executable, venv / "bin" / "python")
     monkeypatch.setenv("IMAGEIO_REFVENV", str(venv))
     assert support.referencePython() == str(venv / "bin" / "python")
+
+
+# ---------------------------------------------------------------------------
+# A file whose storage stops answering holds only its share of the pool.
+
+
+@pytest_twisted.ensureDeferred
+async def test_hung_file_holds_only_its_share(tmp_path, backends):
+    # No real storage hangs on demand here: the calls on one file block
+    # in the pool threads (as on a hung NFS mount) until released. Only a
+    # quarter of the pool runs them; the rest of that file's calls wait in
+    # the reactor, and another file is served meanwhile.
+    tp = ThreadPool(minthreads=0, maxthreads=8, name="test-hung")
+    tp.start()
+    release = __import__("threading").Event()
+    try:
+        hung = tmp_path / "hung.raw"
+        other = tmp_path / "other.raw"
+        for p in (hung, other):
+            with open(p, "wb") as f:
+                f.write(b"x" * 4096)
+        a = await FileBackend.open(reactor, str(hung), mode="r",
+                                   threadpool=tp)
+        b = await FileBackend.open(reactor, str(other), mode="r",
+                                   threadpool=tp)
+        backends.extend([a, b])
+        started = []
+
+        def block():
+            started.append(1)
+            release.wait(30)
+            return b"done"
+
+        stuck = [a._run("read", block) for _ in range(8)]
+        await _until(lambda: len(started) == 2)
+        # 8 threads, a quarter for one file: 2 run, 6 wait in the reactor
+        # (without the bound all 8 threads hang and the read below waits).
+        assert filebackend._gates[str(hung)].running == 2
+        assert len(filebackend._gates[str(hung)].waiting) == 6
+        got = await defer.ensureDeferred(_timed(b.read(0, 4096), 5))
+        assert got == b"x" * 4096
+        release.set()
+        assert await defer.gatherResults(stuck) == [b"done"] * 8
+        assert str(hung) not in filebackend._gates
+    finally:
+        release.set()
+        tp.stop()
+
+
+async def _until(predicate, timeout=10):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("timeout")
+        d = defer.Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        await d
+
+
+async def _timed(d, seconds):
+    d.addTimeout(seconds, reactor)
+    return await d

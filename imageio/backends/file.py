@@ -226,6 +226,56 @@ class ThreadTarget:
         os.close(self._fd)
 
 
+class _FileGate:
+    """
+    How many I/O threads the calls on one file may hold at once (across
+    every connection and ticket on it): at most a quarter of the pool, the
+    rest wait in the reactor. A file on storage that stops answering (a
+    hung NFS mount) then ties up its own share of the threads, and the
+    other tickets keep being served.
+    """
+
+    def __init__(self, key: str):
+        self.key = key
+        self.running = 0
+        self.waiting: list[defer.Deferred] = []
+
+    @staticmethod
+    def limit(pool) -> int:
+        return max(1, getattr(pool, "max", 4) // 4)
+
+
+_gates: dict[str, _FileGate] = {}
+
+
+def _gated(reactor, pool, key: str, f, *args) -> defer.Deferred:
+    """
+    C{deferToThreadPool(reactor, pool, f, *args)}, waiting while the calls
+    on the file C{key} hold their share of the pool (L{_FileGate}).
+    """
+    gate = _gates.get(key)
+    if gate is None:
+        gate = _gates[key] = _FileGate(key)
+
+    def release(result):
+        gate.running -= 1
+        if gate.waiting:
+            gate.waiting.pop(0).callback(None)
+        elif not gate.running:
+            _gates.pop(key, None)
+        return result
+
+    def start(_=None):
+        gate.running += 1
+        return deferToThreadPool(reactor, pool, f, *args).addBoth(release)
+
+    if gate.running < _FileGate.limit(pool):
+        return start()
+    waiter = defer.Deferred()
+    gate.waiting.append(waiter)
+    return waiter.addCallback(start)
+
+
 def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
     """
     Open C{path} and find its block size. Runs in a pool thread.
@@ -423,8 +473,8 @@ class FileBackend:
             raise BackendError(
                 f"Cannot open {path}: {f.value.strerror}") from f.value
 
-        d = deferToThreadPool(reactor, threadpool, _openBlocking, path, mode,
-                              direct)
+        d = _gated(reactor, threadpool, path, _openBlocking, path, mode,
+                   direct)
         d.addCallbacks(opened, failed)
         return d
 
@@ -602,7 +652,7 @@ class FileBackend:
             if self._closing is not None and not self._inFlight:
                 self._release()
 
-        deferToThreadPool(self._reactor, self._pool, call).addBoth(done)
+        _gated(self._reactor, self._pool, self.path, call).addBoth(done)
         return result
 
     def _release(self) -> None:
