@@ -505,10 +505,11 @@ def countingDownload(con, path):
     return r.status, n, h.hexdigest()
 
 
-@pytest.mark.parametrize("transport", ["tls", "unix", "tcp"])
+@pytest.mark.parametrize("transport", ["tls", "unix", "tcp",
+                                       "tls-buffered", "unix-buffered"])
 @pytest_twisted.ensureDeferred
 async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
-                                             transport):
+                                             transport, monkeypatch):
     # A host running VMs must not lose its page cache to a backup: after
     # a 1 GiB download (the file's cache dropped first) at most 64 MiB of
     # the image stays cached.
@@ -523,13 +524,24 @@ async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
     dropCache(path)
     assert cachedBytes(path) < 8 * MiB
     tlsServer.addTicket("big", size=size, url=f"file://{path}")
+    useDirect = _directWorks(path)
+    if transport.endswith("-buffered"):
+        # Reads through the page cache (a filesystem refusing O_DIRECT),
+        # read ahead and dropped behind the cursor.
+        monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: None)
+        transport = transport.split("-")[0]
+        useDirect = False
     con = {"tls": tlsConnection, "tcp": tcpConnection}.get(
         transport, lambda s: UnixHTTPConnection(s.unixPath))(tlsServer)
     regions = SocketWriter.regions
+    direct = bodywriter._DirectReads.bodies
     result = await threads.deferToThread(countingDownload, con,
                                          "/images/big")
     assert result == (200, size, h.hexdigest())
     assert SocketWriter.regions > regions
+    # Where O_DIRECT works the thread reads with it.
+    assert bodywriter._DirectReads.bodies == direct + (1 if useDirect
+                                                       else 0)
     assert cachedBytes(path) <= 64 * MiB
 
 
@@ -582,3 +594,40 @@ def test_segments(tmp_path):
         os.close(fd)
     assert got == [(MiB, 4 * MiB, False), (4 * MiB, 5 * MiB, True),
                    (5 * MiB, 15 * MiB, False)]
+
+
+def _directWorks(path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        import mmap
+        buf = mmap.mmap(-1, 4096)
+        try:
+            os.preadv(fd, [buf], 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_direct_reads_buffered_fallback(tlsServer, tmp_path,
+                                              transport, monkeypatch):
+    # Where the filesystem refuses O_DIRECT (tmpfs, some FUSE), the
+    # thread reads through the page cache, read ahead and dropped.
+    monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: None)
+    data = fileTicket(tlsServer, tmp_path, uuid="b1")
+    direct = bodywriter._DirectReads.bodies
+    regions = SocketWriter.regions
+    con = (tlsConnection(tlsServer) if transport == "tls"
+           else UnixHTTPConnection(tlsServer.unixPath))
+    results = await threads.deferToThread(sequence, con, "b1", data)
+    assert results == [True] * 4
+    assert SocketWriter.regions > regions
+    assert bodywriter._DirectReads.bodies == direct
