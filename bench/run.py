@@ -284,20 +284,28 @@ class Bench:
                 args += ["--cacert", d.cert]
             else:
                 args += ["--unix-socket", d.localSocket]
-            if op == "upload":
-                # No 100-continue round trip: the same for both daemons.
-                args += ["-T", self.images["random"], "-H", "Expect:"]
-            cpu = d.cpu()
-            seconds, code, down, up = curl(args)
-            cpu = d.cpu() - cpu
-            moved = down if op == "download" else up
-            if code != 200 or moved != size:
-                raise RuntimeError(f"status {code}, {moved} of {size} bytes")
-            return Result(size / seconds / MB, cpu, size, seconds)
+            return self._curlTransfer(args, op, size, d.cpu)
 
         s.setup = setup
         s.measure = measure
         return s
+
+    def _curlTransfer(self, args, op, size, cpu):
+        """
+        One curl download or upload of the random image (C{args}: the URL
+        and TLS or socket options); C{cpu()} gives the server's CPU
+        seconds.
+        """
+        if op == "upload":
+            # No 100-continue round trip: the same for both daemons.
+            args = args + ["-T", self.images["random"], "-H", "Expect:"]
+        before = cpu()
+        seconds, code, down, up = curl(args)
+        used = cpu() - before
+        moved = down if op == "download" else up
+        if code != 200 or moved != size:
+            raise RuntimeError(f"status {code}, {moved} of {size} bytes")
+        return Result(size / seconds / MB, used, size, seconds)
 
     def _clientScenario(self, op):
         name = f"{op} tls file client"
@@ -421,16 +429,9 @@ class Bench:
         def measure(d):
             node = state["proxies"][d.name]
             args = [node.imageURL(state["tid"]), "--cacert", node.ca]
-            if op == "upload":
-                args += ["-T", self.images["random"], "-H", "Expect:"]
             pids = processTree(node.pid)
-            cpu = sum(cpuSeconds(p) for p in pids)
-            seconds, code, down, up = curl(args)
-            cpu = sum(cpuSeconds(p) for p in pids) - cpu
-            moved = down if op == "download" else up
-            if code != 200 or moved != size:
-                raise RuntimeError(f"status {code}, {moved} of {size} bytes")
-            return Result(size / seconds / MB, cpu, size, seconds)
+            return self._curlTransfer(
+                args, op, size, lambda: sum(cpuSeconds(p) for p in pids))
 
         s.setup = setup
         s.measure = measure

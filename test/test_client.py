@@ -162,9 +162,9 @@ class DaemonHandle:
         self._servers.clear()
 
 
-def start_our_daemon(tmp):
+def start_our_daemon(tmp, extra=None):
     pki = makePKI(os.path.join(tmp, "pki"))
-    conf = daemonConf(tmp, pki=pki)
+    conf = daemonConf(tmp, pki=pki, extra=extra)
     writeConf(tmp, conf)
     d = Daemon(tmp)
     return d, DaemonHandle(d.proc, d.remotePort, conf["control"]["socket"],

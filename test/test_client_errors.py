@@ -36,8 +36,8 @@ from imageio.client import aio
 from imageio.errors import HTTPError
 from imageio.units import MiB
 
-from test.support import Daemon, daemonConf, freePort, makePKI, writeConf
-from test.test_client import DaemonHandle, make_image, qemu_img
+from test.support import freePort, makePKI
+from test.test_client import make_image, qemu_img, start_our_daemon
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-nbd") is None,
@@ -57,12 +57,7 @@ def daemon(tmp_path_factory):
     data goes through TCP (and through the resetting relay below).
     """
     tmp = str(tmp_path_factory.mktemp("daemon"))
-    pki = makePKI(os.path.join(tmp, "pki"))
-    conf = daemonConf(tmp, pki=pki, extra={"local": {"enable": False}})
-    writeConf(tmp, conf)
-    d = Daemon(tmp)
-    handle = DaemonHandle(d.proc, d.remotePort, conf["control"]["socket"],
-                          pki, tmp)
+    d, handle = start_our_daemon(tmp, extra={"local": {"enable": False}})
     yield handle
     handle.stop_servers()
     d.stop()

@@ -20,8 +20,8 @@ import pytest
 
 from imageio.units import GiB, MiB
 
-from test.support import Daemon, daemonConf, makePKI, writeConf
-from test.test_client import DaemonHandle, compare, make_image, qemu_img
+from test.test_client import (
+    compare, make_image, qemu_img, start_our_daemon)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-nbd") is None,
@@ -62,12 +62,7 @@ def peak_rss_mib(op, args, **kw):
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("daemon"))
-    pki = makePKI(os.path.join(tmp, "pki"))
-    conf = daemonConf(tmp, pki=pki, extra={"local": {"enable": False}})
-    writeConf(tmp, conf)
-    d = Daemon(tmp)
-    handle = DaemonHandle(d.proc, d.remotePort, conf["control"]["socket"],
-                          pki, tmp)
+    d, handle = start_our_daemon(tmp, extra={"local": {"enable": False}})
     yield handle
     handle.stop_servers()
     d.stop()

@@ -8,7 +8,6 @@ wire as data). Measured with a counting TCP relay in front of our daemon
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -18,8 +17,8 @@ from twisted.internet import reactor
 from imageio.client import aio
 from imageio.units import MiB
 
-from test.support import Daemon, daemonConf, makePKI, writeConf
-from test.test_client import DaemonHandle, compare, make_image, qemu_img
+from test.test_client import (
+    compare, make_image, qemu_img, start_our_daemon)
 from test.test_client_errors import Relay
 
 pytestmark = pytest.mark.skipif(
@@ -39,14 +38,9 @@ DATA_BYTES = sum(n for _, n, _ in DATA)
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("daemon"))
-    pki = makePKI(os.path.join(tmp, "pki"))
-    conf = daemonConf(tmp, pki=pki, extra={
+    d, handle = start_our_daemon(tmp, extra={
         "local": {"enable": False},
         "daemon": {"max_connections": OFFERED}})
-    writeConf(tmp, conf)
-    d = Daemon(tmp)
-    handle = DaemonHandle(d.proc, d.remotePort, conf["control"]["socket"],
-                          pki, tmp)
     yield handle
     handle.stop_servers()
     d.stop()
