@@ -88,6 +88,23 @@ def writeDepth(backend) -> int:
                            DEFAULT_WRITE_DEPTH)
 
 
+def _operationOK(operation, fail) -> bool:
+    """
+    Check C{operation} (a canceled ticket raises), if any; on an error
+    call C{fail} with it.
+
+    @return: whether the transfer may go on.
+    """
+    if operation is None:
+        return True
+    try:
+        operation.check()
+    except Exception:
+        fail(Failure())
+        return False
+    return True
+
+
 class ProducerStopped(defer.CancelledError):
     """
     The consumer of a download went away (C{stopProducing}), or the stream
@@ -239,12 +256,8 @@ class DownloadProducer:
                 self._fail(Failure(PartialContent(
                     self.length, self.written + len(data))))
                 return
-            if self._operation is not None:
-                try:
-                    self._operation.check()
-                except Exception:
-                    self._fail(Failure())
-                    return
+            if not _operationOK(self._operation, self._fail):
+                return
             if not isinstance(data, bytes) and not hasattr(data, "fd"):
                 # A file region (imageio.web.bodywriter) stays one.
                 data = bytes(data)
@@ -261,12 +274,8 @@ class DownloadProducer:
         # Issue reads while there is room, unless paused.
         while (not self._paused and self._next < self._end
                and len(self._slots) < self._depth):
-            if self._operation is not None:
-                try:
-                    self._operation.check()
-                except Exception:
-                    self._fail(Failure())
-                    return
+            if not _operationOK(self._operation, self._fail):
+                return
             n = min(self._chunkSize, self._end - self._next)
             slot = [n, None, time.monotonic()]
             self._slots.append(slot)
@@ -561,12 +570,9 @@ class UploadSink:
         self.written += n
         if self._meter is not None:
             self._meter.write(n, written.seconds)
+        if not _operationOK(self._operation, self._fail):
+            return
         if self._operation is not None:
-            try:
-                self._operation.check()
-            except Exception:
-                self._fail(Failure())
-                return
             self._operation.progress(n)
 
     def finish(self) -> None:
@@ -646,12 +652,8 @@ class UploadSink:
         while self._writes < self._depth and (
                 self._buffered >= self._writeSize
                 or (self._ended and self._buffered)):
-            if self._operation is not None:
-                try:
-                    self._operation.check()
-                except Exception:
-                    self._fail(Failure())
-                    return
+            if not _operationOK(self._operation, self._fail):
+                return
             self._issue(min(self._writeSize, self._buffered))
             if self._failure is not None:
                 return
