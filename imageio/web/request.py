@@ -432,6 +432,12 @@ class StreamingRequest(Request):
         if (self.bodyComplete or self._early is not None
                 or self.channel is None):
             return
+        if self._reader and self._reader.active:
+            # A body thread stops reading now: a sink that failed resumes
+            # its producer, and the thread would read the rest of the body
+            # at full speed, completing it before the early answer's turn
+            # (test_nbd_daemon.test_write_error, under load).
+            self._reader.stop()
         # Never answer from inside the parser (gotLength or
         # handleContentChunk): the channel would write 100 Continue after
         # our response, or index its empty request list when the body ends
