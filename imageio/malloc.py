@@ -7,12 +7,13 @@ giving freed buffers back to the system once transfers stop.
 from __future__ import annotations
 
 import ctypes
+import gc
 
 from twisted.application.internet import TimerService
 
 from imageio.logs import Logger
 
-__all__ = ["tune", "trim", "IdleTrim"]
+__all__ = ["tune", "trim", "Reclaim"]
 
 _log = Logger()
 
@@ -41,7 +42,7 @@ def tune(arenas: int = 2, mmapThreshold: int = 4 * 1024 * 1024,
     on it (429 MB/s, 1.70 s CPU per GiB). Chunks up to 4 MiB now come from
     the two arenas, which keep up to 32 MiB free at their top instead of
     trimming after each chunk (881-905 MB/s, 1.17-1.19 s per GiB); what
-    they keep once transfers stop is given back by L{IdleTrim}. Same as
+    they keep is given back by L{Reclaim}. Same as
     MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
     without depending on how the daemon is started.
     """
@@ -65,31 +66,54 @@ def trim() -> bool:
     return bool(_libc.malloc_trim(0))
 
 
-class IdleTrim(TimerService):
+class Reclaim(TimerService):
     """
-    Every C{interval} seconds, if transfers ran since the last look and
-    none runs now, L{trim}: the buffers of a busy hour are not kept for an
-    idle day (a soak left the daemon at 213 MiB idle, 58 MiB before).
+    Gives the memory of finished transfers back, every C{interval} seconds
+    in which transfers ran or connections closed: first a full garbage
+    collection, then L{trim}.
 
-    @param busy: callable, whether a transfer runs now.
-    @param activity: callable, a number that changes when transfers run.
+    The collection matters more than it looks. A closed connection is
+    freed only when its reference cycles are collected (Twisted's channel
+    and request, the body thread, a failure's traceback), and with it its
+    OpenSSL object, whose memory BIOs grew to the size of the thread's
+    writes: megabytes that Python does not see, so the collector's
+    allocation counts do not hurry it. A 2-minute soak left 118 MiB of
+    such garbage held after the run; collected every second, the daemon
+    stayed under 192 MiB under load (303 MiB before) and went back to
+    94 MiB idle (58 MiB before the run; 198 MiB without the collection).
+
+    Collections are cheap because what exists when the service starts
+    (modules, configuration, resources) is moved out of the collector's
+    sight first (C{gc.freeze}): about 2 ms each under that soak, against
+    60 ms without. Trimming every second under load costs about 9 ms; the
+    heap's free holes stop being held resident between transfers.
+
+    @param activity: callable, a number that changes when transfers run
+        or connections close.
     """
 
-    def __init__(self, busy, activity, interval: float = 10.0,
-                 clock=None):
+    def __init__(self, activity, interval: float = 1.0, clock=None):
         super().__init__(interval, self.check)
         if clock is not None:
             self.clock = clock
-        self._busy = busy
         self._activity = activity
         self._seen = activity()
-        self.trims = 0
+        self.runs = 0
+
+    def startService(self) -> None:
+        gc.collect()
+        gc.freeze()
+        super().startService()
+
+    def stopService(self):
+        gc.unfreeze()
+        return super().stopService()
 
     def check(self) -> None:
         now = self._activity()
-        if now == self._seen or self._busy():
+        if now == self._seen:
             return
         self._seen = now
-        self.trims += 1
+        self.runs += 1
+        gc.collect()
         trim()
-        _log.debug("Idle: free memory given back to the system")

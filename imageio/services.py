@@ -274,17 +274,16 @@ class _ThreadPoolService(service.Service):
         return done
 
 
-def idleTrim(interval: float = 10.0) -> malloc.IdleTrim:
+def reclaim() -> malloc.Reclaim:
     """
-    The service giving transfer buffers back to the system once the body
-    threads are idle (L{malloc.IdleTrim}), for a daemon or worker process.
+    The service giving the memory of finished transfers and closed
+    connections back (L{malloc.Reclaim}), for a daemon or worker process.
     """
-    from imageio.web import bodyreader, bodywriter
-    return malloc.IdleTrim(
-        busy=lambda: bodywriter.running() or bodyreader.running(),
+    from imageio.web import bodyreader, bodywriter, request
+    return malloc.Reclaim(
         activity=lambda: (bodywriter.SocketWriter.bodies
-                          + bodyreader.SocketReader.bodies),
-        interval=interval)
+                          + bodyreader.SocketReader.bodies
+                          + request.ImageioChannel.closed))
 
 
 class ImageioService(service.MultiService):
@@ -333,7 +332,7 @@ class ImageioService(service.MultiService):
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
         _ThreadPoolService(self.threadpool, reactor).setServiceParent(self)
-        idleTrim().setServiceParent(self)
+        reclaim().setServiceParent(self)
 
         imageListeners = [self._addRemote()]
         if cfg.local.enable:

@@ -910,8 +910,8 @@ class WorkerService(service.MultiService):
             name="imageio-io")
         self.tls = None
         self.ports: list = []
-        from imageio.services import idleTrim
-        idleTrim().setServiceParent(self)
+        from imageio.services import reclaim
+        reclaim().setServiceParent(self)
         # This worker's requests, bytes and latencies; the main process
         # adds them to its /metrics. No ticket gauges (the main process's
         # store has them) and no process_* series (the main process's).

@@ -1,10 +1,11 @@
 """
-imageio.malloc: the idle trim gives freed transfer buffers back to the
-system, and runs only after transfers, never while one runs.
+imageio.malloc: L{Reclaim} collects the garbage of finished transfers
+and gives freed memory back to the system, only after activity.
 """
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -13,31 +14,76 @@ from twisted.internet import task
 from imageio import malloc
 
 
-def test_idle_trim_only_after_activity_and_when_idle(monkeypatch):
+class _Cycle:
+    """
+    A reference cycle that says when it is freed.
+    """
+
+    freed = 0
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        _Cycle.freed += 1
+
+
+def test_reclaim_runs_only_after_activity(monkeypatch):
     trims = []
     monkeypatch.setattr(malloc, "trim", lambda: trims.append(1) or True)
-    state = {"busy": False, "activity": 0}
+    state = {"activity": 0}
     clock = task.Clock()
-    svc = malloc.IdleTrim(lambda: state["busy"], lambda: state["activity"],
-                          interval=10, clock=clock)
+    svc = malloc.Reclaim(lambda: state["activity"], interval=1,
+                         clock=clock)
     svc.startService()
     try:
-        clock.advance(30)
+        clock.advance(5)
         assert trims == []          # nothing ran
         state["activity"] = 3
-        state["busy"] = True
-        clock.advance(10)
-        assert trims == []          # a transfer runs
-        state["busy"] = False
-        clock.advance(10)
-        assert len(trims) == 1      # ran, now idle
-        clock.advance(30)
+        clock.advance(1)
+        assert len(trims) == 1
+        clock.advance(5)
         assert len(trims) == 1      # nothing new
         state["activity"] = 4
-        clock.advance(10)
+        clock.advance(1)
         assert len(trims) == 2
+        assert svc.runs == 2
     finally:
         svc.stopService()
+
+
+def test_reclaim_collects_cycles_that_die_after_start(monkeypatch):
+    """
+    Cycles made before the service starts are frozen out of the
+    collector's sight (cheap collections); cycles of later connections are
+    collected at the next run, not at the collector's leisure.
+    """
+    monkeypatch.setattr(malloc, "trim", lambda: True)
+    gc.collect()
+    _Cycle.freed = 0
+    old = _Cycle()
+    state = {"activity": 0}
+    clock = task.Clock()
+    svc = malloc.Reclaim(lambda: state["activity"], interval=1,
+                         clock=clock)
+    gc.disable()  # only the service collects here
+    svc.startService()
+    try:
+        assert gc.get_freeze_count() > 0
+        del old
+        for _ in range(10):
+            _Cycle()
+        assert _Cycle.freed == 0
+        state["activity"] = 1
+        clock.advance(1)
+        # The ten new ones; the frozen one stays until unfrozen.
+        assert _Cycle.freed == 10
+    finally:
+        svc.stopService()
+        gc.enable()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert _Cycle.freed == 11
 
 
 _FRAGMENT = r"""

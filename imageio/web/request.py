@@ -164,11 +164,14 @@ class ImageioChannel(Channel):
     An HTTP/1.1 connection of the images services.
 
     @ivar _contexts: L{BackendContext} by ticket uuid.
+    @cvar closed: connections of this process closed so far (for
+        L{imageio.malloc.Reclaim}).
     """
 
     _log = Logger()
 
     _stall = None
+    closed = 0
 
     def __init__(self):
         super().__init__()
@@ -256,6 +259,7 @@ class ImageioChannel(Channel):
 
     def connectionLost(self, reason) -> None:
         self._lost = True
+        ImageioChannel.closed += 1
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None
