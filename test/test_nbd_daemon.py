@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import textwrap
@@ -574,3 +575,179 @@ def test_dirty_extents(daemon, servers, workdir):
         con.close()
     removeTicket(daemon, dirtyTicket)
     removeTicket(daemon, plainTicket)
+
+
+# Uploads of 4 MiB or more: the body thread writes to the NBD server itself,
+# on the backend's connection lent to it (NBDClient.lend/giveBack).
+
+def lentCount(daemon):
+    return sum("NBD connection lent to a body thread" in line
+               for line in daemon.lines)
+
+
+def tlsSocket(daemon):
+    ctx = ssl.create_default_context(cafile=daemon.pki.ca)
+    raw = socket.create_connection(("127.0.0.1", daemon.remotePort),
+                                   timeout=TIMEOUT)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def localSocket(daemon):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(TIMEOUT)
+    s.connect(daemon.localSocket)
+    return s
+
+
+def readResponse(sock, buf):
+    """
+    One response from C{sock} (C{buf}: bytes already read): C{(status,
+    body, rest of buf)}.
+    """
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(buf) < length:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    return int(lines[0].split()[1]), buf[:length], buf[length:]
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+def test_thread_upload_keep_alive(daemon, servers, workdir, transport):
+    size = 40 * MiB
+    image = os.path.join(workdir, "target.raw")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    _, sock = servers.qemuNbd(image, "raw")
+    tid = addTicket(daemon, nbdURL(sock), size)
+    data = os.urandom(20 * MiB + 123)
+    part = os.urandom(9 * MiB + 5)
+    lent = lentCount(daemon)
+    s = tlsSocket(daemon) if transport == "tls" else localSocket(daemon)
+    try:
+        # A whole-image-prefix upload, then an unaligned range, then (sent
+        # with the body, in the same writes) a flush and a download: they
+        # wait for the connection to be given back.
+        s.sendall(f"PUT /images/{tid} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        status, _, rest = readResponse(s, b"")
+        assert status == 200
+        s.sendall(f"PUT /images/{tid}?flush=n HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Range: bytes 3-{3 + len(part) - 1}/*\r\n"
+                  f"Content-Length: {len(part)}\r\n\r\n".encode() + part
+                  + b"PATCH /images/" + tid.encode() + b" HTTP/1.1\r\n"
+                  b"Host: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 15\r\n\r\n{\"op\": \"flush\"}"
+                  + f"GET /images/{tid} HTTP/1.1\r\nHost: x\r\n"
+                  f"Range: bytes=0-{len(data) - 1}\r\n\r\n".encode())
+        put, _, rest = readResponse(s, rest)
+        flush, _, rest = readResponse(s, rest)
+        get, body, rest = readResponse(s, rest)
+    finally:
+        s.close()
+    expected = data[:3] + part + data[3 + len(part):]
+    assert (put, flush, get) == (200, 200, 206)
+    assert body == expected
+    assert lentCount(daemon) == lent + 2
+    with open(image, "rb") as f:
+        assert f.read(len(expected)) == expected
+    removeTicket(daemon, tid)
+
+
+def test_thread_upload_write_error(daemon, servers, workdir):
+    # The server starts failing writes once the thread owns the
+    # connection: the thread's write gets the error reply, the client
+    # gets 500 and the connection closes; the daemon keeps serving.
+    size = 64 * MiB
+    trigger = os.path.join(workdir, "fail-writes")
+    _, sock = servers.nbdkit("--filter=error", "memory", str(size),
+                             "error-pwrite=EIO", "error-pwrite-rate=1",
+                             f"error-pwrite-file={trigger}")
+    tid = addTicket(daemon, nbdURL(sock), size)
+    lent = lentCount(daemon)
+    s = tlsSocket(daemon)
+    try:
+        s.sendall(f"PUT /images/{tid} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: {16 * MiB}\r\n\r\n".encode()
+                  + b"a" * MiB)
+        deadline = time.monotonic() + TIMEOUT
+        while lentCount(daemon) == lent:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        open(trigger, "w").close()
+
+        def send():
+            try:
+                s.sendall(b"b" * (15 * MiB))
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        status, body, _ = readResponse(s, b"")
+        assert (status, body) == (500, GENERIC_ERROR)
+        sender.join(TIMEOUT)
+        assert not sender.is_alive()
+    finally:
+        s.close()
+    os.unlink(trigger)
+    con = remote(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid}",
+                                  headers={"Range": "bytes=0-4095"})
+        assert (status, body) == (206, b"a" * 4096)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+
+
+def test_thread_upload_client_gone_then_ticket_removed(daemon, servers,
+                                                       workdir):
+    # The client disconnects in the middle of a threaded upload, and the
+    # ticket is removed right after: the lent connection is given back
+    # and closed, the daemon keeps serving.
+    size = 64 * MiB
+    image = os.path.join(workdir, "gone.raw")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    _, sock = servers.qemuNbd(image, "raw")
+    tid = addTicket(daemon, nbdURL(sock), size)
+    s = tlsSocket(daemon)
+    s.sendall(f"PUT /images/{tid} HTTP/1.1\r\nHost: x\r\n"
+              f"Content-Length: {size}\r\n\r\n".encode())
+    block = os.urandom(MiB)
+    for _ in range(12):
+        s.sendall(block)
+    s.close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        status, _, body = controlRequest(daemon.controlSocket, "DELETE",
+                                         f"/tickets/{tid}")
+        if status == 204:
+            break
+        assert status == 409, body
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # A new ticket on the same server.
+    tid = addTicket(daemon, nbdURL(sock), size)
+    data = os.urandom(6 * MiB)
+    con = local(daemon)
+    try:
+        status, _, _ = request(con, "PUT", f"/images/{tid}", body=data)
+        assert status == 200
+        status, _, body = request(con, "GET", f"/images/{tid}",
+                                  headers={"Range": f"bytes=0-{len(data) - 1}"})
+        assert (status, body) == (206, data)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)

@@ -8,6 +8,7 @@ caller may keep several reads or writes in flight on one backend.
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 
 from twisted.internet import defer
@@ -18,7 +19,7 @@ from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import DirtyExtent, ZeroExtent
-from imageio.protocols import nbd
+from imageio.protocols import nbd, nbdthread
 from imageio.units import GiB, MiB
 
 __all__ = ["open", "NBDBackend"]
@@ -125,6 +126,50 @@ def _overlay(a: list, b: list):
         la -= n
         lb -= n
     return out
+
+
+class ThreadTarget:
+    """
+    The NBD connection of an upload, lent to the one thread that writes
+    whole buffers to it (L{NBDBackend.threadTarget}): each buffer goes to
+    the server with one C{sendmsg} from the thread, instead of through the
+    reactor, where the sink joins it, the client copies it to C{bytes} and
+    Twisted joins it with its header again.
+
+    @ivar blockSize: writes must start and end on multiples of this.
+    """
+
+    def __init__(self, client: nbd.NBDClient, sock, reactor):
+        self._client = client
+        self._reactor = reactor
+        self._conn = nbdthread.ThreadConnection(
+            sock, min(client.maximumBlockSize, DEFAULT_BUFFER_SIZE),
+            client.structuredReplies)
+        self.blockSize = client.minimumBlockSize
+
+    def buffer(self, size: int) -> mmap.mmap:
+        """
+        A buffer of C{size} bytes for the thread.
+        """
+        return mmap.mmap(-1, size)
+
+    def write(self, view: memoryview, offset: int) -> None:
+        """
+        Write all of C{view} at C{offset} (in the calling thread).
+
+        @raise BackendError: the write failed.
+        """
+        try:
+            self._conn.write(view, offset)
+        except (nbd.NBDError, nbdthread.Broken) as e:
+            raise BackendError(f"NBD write failed: {e}") from None
+
+    def close(self) -> None:
+        """
+        Give the connection back to the reactor (from the thread).
+        """
+        self._reactor.callFromThread(self._client.giveBack,
+                                     self._conn.broken)
 
 
 @implementer(IBackend)
@@ -296,6 +341,23 @@ class NBDBackend:
                     # Ignore anything a non-compliant server sends beyond.
                     break
         return result
+
+    def threadTarget(self) -> ThreadTarget | None:
+        """
+        A way for a body thread (L{imageio.web.bodyreader}) to write an
+        upload's bytes itself, on this backend's connection lent to it (see
+        L{ThreadTarget}). Call in the reactor, with no request in flight.
+        L{None} when the backend is read-only or closed, or the connection
+        is busy or cannot be lent.
+        """
+        if self._closed is not None or self._mode == "r":
+            return None
+        sock = self._client.lend()
+        if sock is None:
+            return None
+        self._log.debug("NBD connection lent to a body thread")
+        return ThreadTarget(self._client, sock,
+                            self._client.transport.reactor)
 
     def close(self) -> defer.Deferred[None]:
         if self._closed is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import socket
 import struct
 from typing import Callable
 
@@ -372,6 +373,8 @@ class NBDClient(Protocol):
         self._ready = False
         self._closing = False
         self._failure: Failure | None = None
+        self._lent: socket.socket | None = None
+        self._waiting: list = []
 
     # Properties derived from the transmission flags.
 
@@ -906,6 +909,12 @@ class NBDClient(Protocol):
             return defer.fail(NBDError("NBD handshake not finished"))
         if self._closing or self._lost:
             return defer.fail(NBDConnectionLost("NBD connection closed"))
+        if self._lent is not None:
+            # A thread owns the connection: sent once it is given back.
+            waiting: defer.Deferred = defer.Deferred()
+            self._waiting.append(((cmd, offset, length, flags, payload, buf),
+                                  waiting))
+            return waiting
         handle = self._nextHandle
         self._nextHandle = (handle + 1) & 0xFFFFFFFFFFFFFFFF
         d = defer.Deferred(self._cancel)
@@ -1041,6 +1050,63 @@ class NBDClient(Protocol):
             return defer.fail(ValueError(f"Invalid length {length}"))
         return self._send(CMD_BLOCK_STATUS, offset, length)
 
+    def lend(self) -> socket.socket | None:
+        """
+        Lend the connection to one thread, which then sends requests and
+        reads replies itself on the returned socket (a duplicate of the
+        connection's, with a timeout, so its descriptor stays non-blocking
+        for Twisted) until it calls L{giveBack} in the reactor. In between
+        the reactor does not read the connection; requests and a close
+        asked for meanwhile wait for L{giveBack}.
+
+        @return: the socket, or L{None} if the connection is not idle
+            (requests in flight, a partial reply, closing, lost, failed,
+            lent) or has no descriptor.
+        """
+        if (not self._ready or self._lost or self._closing
+                or self._failure is not None or self._pending
+                or self._partial or self._lent is not None
+                or self._chunk is not None or self._sink is not None
+                or self._simpleRead is not None):
+            return None
+        fileno = getattr(self.transport, "fileno", None)
+        if fileno is None:
+            return None
+        try:
+            sock = socket.socket(fileno=os.dup(fileno()))
+        except OSError:
+            return None
+        # Every request written got its reply, so nothing is left in the
+        # transport's buffer either.
+        self.transport.stopReading()
+        self._lent = sock
+        return sock
+
+    def giveBack(self, broken: bool = False) -> None:
+        """
+        The thread is done with the connection lent by L{lend} (in the
+        reactor). C{broken}: it stopped in the middle of a request, so the
+        stream is out of step and the connection is dropped; requests
+        that waited fail.
+        """
+        sock, self._lent = self._lent, None
+        if sock is None:
+            return
+        sock.close()
+        if broken:
+            self._abort(NBDConnectionLost(
+                "NBD connection dropped in the middle of a request"))
+        elif not self._lost:
+            self.transport.startReading()
+        waiting, self._waiting = self._waiting, []
+        for args, d in waiting:
+            self._send(*args).chainDeferred(d)
+        if self._closeWaiters and not self._closing:
+            # close() was asked for while lent.
+            waiters, self._closeWaiters = self._closeWaiters, []
+            for d in waiters:
+                self.close().chainDeferred(d)
+
     def close(self) -> defer.Deferred[None]:
         """
         Send C{NBD_CMD_DISC} and close the connection. Requests still in
@@ -1054,6 +1120,9 @@ class NBDClient(Protocol):
             d.callback(None)
             return d
         self._closeWaiters.append(d)
+        if self._lent is not None:
+            # Closed once the thread gives the connection back.
+            return d
         if not self._closing:
             self._closing = True
             if self._ready and self._failure is None:

@@ -261,13 +261,17 @@ class SocketReader:
             return
         sink = self._request.streamSink
         whenReady = getattr(sink, "whenReady", None)
-        if whenReady is not None and not self._sinkReady:
+        if whenReady is not None:
             # The backend may still be opening: it decides whether the
-            # thread writes the body itself. Twisted does not read
-            # meanwhile.
-            self._sinkReady = True
-            d = whenReady()
-            if not d.called:
+            # thread writes the body itself. Twisted does not read the
+            # socket meanwhile, but the TLS layer may still deliver
+            # plaintext it holds, which the sink may start writing: asked
+            # again after each wait, until nothing is in flight.
+            # (Not d.called: a Deferred waiting on a Deferred returned by
+            # its callback is called already.)
+            ready: list = []
+            d = whenReady().addBoth(ready.append)
+            if not ready:
                 d.addBoth(lambda _: self._reactor.callLater(
                     0, self._handOffLater))
                 return
@@ -288,8 +292,6 @@ class SocketReader:
         self._thread = threading.Thread(target=self._run,
                                         name="imageio-reader", daemon=True)
         self._thread.start()
-
-    _sinkReady = False
 
     def _handOffLater(self) -> None:
         if self._result is None and not self._stopping:
