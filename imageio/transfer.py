@@ -38,7 +38,7 @@ from imageio.errors import PartialContent
 from imageio.units import MiB
 
 __all__ = [
-    "DownloadProducer", "UploadSink", "Written", "LimitExceeded",
+    "DownloadProducer", "UploadSink", "Written", "Region", "LimitExceeded",
     "ProducerStopped",
     "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE",
     "HIGH_WATER", "LOW_WATER",
@@ -258,8 +258,7 @@ class DownloadProducer:
                 return
             if not _operationOK(self._operation, self._fail):
                 return
-            if not isinstance(data, bytes) and not hasattr(data, "fd"):
-                # A file region (imageio.web.bodywriter) stays one.
+            if not isinstance(data, (bytes, Region)):
                 data = bytes(data)
             self.written += wanted
             # May call pauseProducing or stopProducing synchronously.
@@ -361,6 +360,27 @@ def fireWaiters(waiters: list, result) -> None:
             d.errback(result)
         else:
             d.callback(result)
+
+
+class Region:
+    """
+    A range of the image that the consumer reads and sends itself (the
+    writer thread of L{imageio.web.bodywriter}): what a view of the backend
+    returns from C{read} instead of bytes. L{DownloadProducer} passes it on
+    as it is.
+
+    @ivar offset: where the range starts.
+    @ivar length: its size in bytes (also its C{len}).
+    """
+
+    __slots__ = ("offset", "length")
+
+    def __init__(self, offset: int, length: int):
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class Written:

@@ -604,13 +604,15 @@ def readResponse(sock, buf):
     One response from C{sock} (C{buf}: bytes already read): C{(status,
     body, rest of buf)}.
     """
+    buf = bytearray(buf)
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
             raise EOFError(buf)
         buf += chunk
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    end = buf.index(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    del buf[:end + 4]
     headers = {k.strip().lower(): v.strip() for k, _, v in
                (line.partition(":") for line in lines[1:])}
     length = int(headers.get("content-length", 0))
@@ -619,7 +621,7 @@ def readResponse(sock, buf):
         if not chunk:
             raise EOFError(buf)
         buf += chunk
-    return int(lines[0].split()[1]), buf[:length], buf[length:]
+    return int(lines[0].split()[1]), bytes(buf[:length]), bytes(buf[length:])
 
 
 @pytest.mark.parametrize("transport", ["tls", "unix"])
@@ -748,6 +750,91 @@ def test_thread_upload_client_gone_then_ticket_removed(daemon, servers,
         status, _, body = request(con, "GET", f"/images/{tid}",
                                   headers={"Range": f"bytes=0-{len(data) - 1}"})
         assert (status, body) == (206, data)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+
+
+# Downloads of 4 MiB or more: after the first read, the writer thread reads
+# on the backend's NBD connection lent to it.
+
+def writerLentCount(daemon):
+    return sum("NBD connection lent to a writer thread" in line
+               for line in daemon.lines)
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_thread_download_keep_alive(daemon, servers, workdir, transport,
+                                    fmt):
+    # Data and holes (structured replies with hole chunks), a whole
+    # download, a range, then a pipelined request sent with the second
+    # GET: it waits for the connection to be given back.
+    size = 48 * MiB
+    raw = os.path.join(workdir, "src.raw")
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for i, start in enumerate((0, 5 * MiB + 7, 17 * MiB, 40 * MiB)):
+            f.seek(start)
+            f.write(os.urandom(3 * MiB + i))
+    with open(raw, "rb") as f:
+        expected = f.read()
+    image = raw
+    if fmt == "qcow2":
+        image = os.path.join(workdir, "src.qcow2")
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image)
+    _, sock = servers.qemuNbd(image, fmt, "--read-only")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    lent = writerLentCount(daemon)
+    s = tlsSocket(daemon) if transport == "tls" else localSocket(daemon)
+    try:
+        s.sendall(f"GET /images/{tid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, body, rest = readResponse(s, b"")
+        assert status == 200
+        assert body == expected
+        start, end = 3 * MiB + 5, 30 * MiB + 1
+        s.sendall(f"GET /images/{tid} HTTP/1.1\r\nHost: x\r\n"
+                  f"Range: bytes={start}-{end - 1}\r\n\r\n"
+                  f"GET /images/{tid}/extents HTTP/1.1\r\nHost: x\r\n\r\n"
+                  .encode())
+        status, body, rest = readResponse(s, rest)
+        assert status == 206
+        assert body == expected[start:end]
+        status, body, rest = readResponse(s, rest)
+        assert status == 200
+        extents = json.loads(body)
+        assert sum(e["length"] for e in extents) == size
+    finally:
+        s.close()
+    assert writerLentCount(daemon) == lent + 2
+    removeTicket(daemon, tid)
+
+
+def test_thread_download_client_gone(daemon, servers, workdir):
+    # The client stops reading and disconnects in the middle: the lent
+    # connection (reads in flight) is dropped, and the ticket serves new
+    # connections.
+    size = 64 * MiB
+    image = os.path.join(workdir, "data.raw")
+    with open(image, "wb") as f:
+        f.write(os.urandom(size))
+    _, sock = servers.qemuNbd(image, "raw", "--read-only")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    for _ in range(3):
+        s = tlsSocket(daemon)
+        s.sendall(f"GET /images/{tid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        got = 0
+        while got < 6 * MiB:
+            got += len(s.recv(1 << 20))
+        s.close()
+    con = remote(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid}",
+                                  headers={"Range": f"bytes={MiB}-{9 * MiB - 1}"})
+        assert status == 206
+        with open(image, "rb") as f:
+            f.seek(MiB)
+            assert body == f.read(8 * MiB)
     finally:
         con.close()
     removeTicket(daemon, tid)

@@ -172,6 +172,34 @@ class ThreadTarget:
                                      self._conn.broken)
 
 
+class ThreadSource:
+    """
+    The NBD connection of a download, lent to the writer thread
+    (L{NBDBackend.threadSource}), which reads into its own buffers and
+    sends from there.
+
+    @ivar conn: the L{nbdthread.ThreadConnection}, for the thread only.
+    """
+
+    def __init__(self, backend: "NBDBackend", sock):
+        client = backend.client
+        self._client = client
+        self._size = backend.size()
+        self.conn = nbdthread.ThreadConnection(
+            sock, min(client.maximumBlockSize, DEFAULT_BUFFER_SIZE),
+            client.structuredReplies)
+
+    def size(self) -> int:
+        return self._size
+
+    def giveBack(self) -> None:
+        """
+        Give the connection back (in the reactor, once the thread is done
+        with it).
+        """
+        self._client.giveBack(self.conn.broken or self.conn.inFlight > 0)
+
+
 @implementer(IBackend)
 class NBDBackend:
     """
@@ -341,6 +369,22 @@ class NBDBackend:
                     # Ignore anything a non-compliant server sends beyond.
                     break
         return result
+
+    def threadSource(self) -> ThreadSource | None:
+        """
+        This backend's connection lent for a writer thread's reads
+        (L{imageio.web.bodywriter}); give it back with
+        L{ThreadSource.giveBack}. Call in the reactor, with no request in
+        flight. L{None} when the backend is write-only or closed, or the
+        connection is busy or cannot be lent.
+        """
+        if self._closed is not None or self._mode == "w":
+            return None
+        sock = self._client.lend()
+        if sock is None:
+            return None
+        self._log.debug("NBD connection lent to a writer thread")
+        return ThreadSource(self, sock)
 
     def threadTarget(self) -> ThreadTarget | None:
         """

@@ -41,7 +41,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.logs import Logger
-from imageio.transfer import ProducerStopped, fireWaiters, whenResult
+from imageio.protocols.nbd import NBDError
+from imageio.protocols.nbdthread import Broken as NBDBroken
+from imageio.transfer import (
+    ProducerStopped, Region, fireWaiters, whenResult)
 from imageio.units import MiB
 from imageio.web import handoff
 from imageio.web.handoff import ffi as _ffi, lib as _lib
@@ -164,7 +167,7 @@ def running() -> int:
     return _active
 
 
-class FileRegion:
+class FileRegion(Region):
     """
     A range of a file for the writer thread to read and send itself:
     what a L{SocketWriter.sourceFor} view returns instead of bytes.
@@ -172,15 +175,11 @@ class FileRegion:
     @ivar fd: a descriptor of the file owned by the writer.
     """
 
-    __slots__ = ("fd", "offset", "length")
+    __slots__ = ("fd",)
 
     def __init__(self, fd: int, offset: int, length: int):
+        super().__init__(offset, length)
         self.fd = fd
-        self.offset = offset
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class _Regions:
@@ -204,6 +203,67 @@ class _Regions:
         end = min(offset + length, self._backend.size())
         return defer.succeed(FileRegion(self._fd, offset,
                                         max(0, end - offset)))
+
+
+class NBDRegion(Region):
+    """
+    A range of an NBD export for the writer thread to read on the lent
+    connection and send itself (see L{SocketWriter.sourceFor}).
+    """
+
+    __slots__ = ()
+
+
+class _NBDRegions:
+    """
+    A read-only view of an nbd backend for
+    L{imageio.transfer.DownloadProducer}: the first read goes through the
+    reactor as usual (a failing server is then answered with an error
+    status, before the headers), then the connection is lent to the
+    writer thread and reads return L{NBDRegion}s. If it cannot be lent,
+    reads go to the backend.
+    """
+
+    name = "nbd"
+    maxRequest = REGION_SIZE
+    chunkSize = REGION_SIZE
+
+    def __init__(self, writer: "SocketWriter", backend):
+        self._writer = writer
+        self._backend = backend
+        self._first = True
+        self._lent: bool | None = None
+        self._waiters: list[defer.Deferred] = []
+
+    def size(self) -> int:
+        return self._backend.size()
+
+    def read(self, offset: int, length: int) -> defer.Deferred:
+        end = min(offset + length, self._backend.size())
+        length = max(0, end - offset)
+        if self._first:
+            self._first = False
+            d = self._backend.read(offset, length)
+            d.addBoth(self._firstDone)
+            return d
+        if self._lent is None:
+            d = defer.Deferred()
+            self._waiters.append(d)
+        else:
+            d = defer.succeed(None)
+        return d.addCallback(lambda _: self._read(offset, length))
+
+    def _read(self, offset, length):
+        if self._lent:
+            return NBDRegion(offset, length)
+        return self._backend.read(offset, length)
+
+    def _firstDone(self, result):
+        # The connection is idle now (one read at a time so far).
+        self._lent = (not isinstance(result, Failure)
+                      and self._writer._lend(self._backend))
+        fireWaiters(self._waiters, None)
+        return result
 
 
 class WriterStopped(ProducerStopped):
@@ -287,6 +347,9 @@ class SocketWriter:
         self._itemPos = 0
         self._highWater = HIGH_WATER
         self._readBuffer = None
+        self._nbd = None
+        self._nbdBuffers = None
+        self._threadExited = False
         self._outBuffer = None
         self._outView = None
         self._readWanted = True
@@ -382,6 +445,9 @@ class SocketWriter:
         fds, self._regionFds = self._regionFds, []
         for fd in fds:
             os.close(fd)
+        nbd, self._nbd = self._nbd, None
+        if nbd is not None:
+            nbd.giveBack()
         self._finished(result)
 
     # The backend view.
@@ -396,6 +462,11 @@ class SocketWriter:
         at all, the reads run ahead of the sending, and the pages read are
         dropped from the page cache behind it.
         """
+        if getattr(backend, "threadSource", None) is not None:
+            # An nbd backend: after the first read its connection is the
+            # thread's until the body is sent.
+            self._highWater = REGION_HIGH_WATER
+            return _NBDRegions(self, backend)
         reopen = getattr(backend, "pageCacheSource", None)
         if reopen is None:
             return backend
@@ -411,6 +482,19 @@ class SocketWriter:
             # ahead, copy, drop) cost 0.5 s of CPU per GiB.
             self._directFd = _openDirect(fd)
         return _Regions(backend, fd)
+
+    def _lend(self, backend) -> bool:
+        """
+        Borrow C{backend}'s NBD connection for the thread, unless the body
+        is over (in the reactor).
+        """
+        with self._cond:
+            if (self._threadExited or self._aborting
+                    or self._result is not None or self.failed is not None):
+                return False
+            source = backend.threadSource()
+            self._nbd = source
+        return source is not None
 
     # IConsumer
 
@@ -529,6 +613,9 @@ class SocketWriter:
                 if isinstance(item, FileRegion):
                     SocketWriter.regions += 1
                     self._sendRegion(item, out, poller)
+                elif isinstance(item, NBDRegion):
+                    SocketWriter.regions += 1
+                    self._sendNBD(item, out, poller)
                 elif conn is not None:
                     self._sendTLS(item, out, poller)
                 else:
@@ -536,6 +623,8 @@ class SocketWriter:
                 self._sent(len(item))
         except WriterStopped as e:
             error = e
+        except (NBDError, NBDBroken) as e:
+            error = WriterStopped(f"Reading from the NBD server failed: {e}")
         except OSError as e:
             error = WriterStopped(f"Writing to the client failed: "
                                   f"{e.strerror or e}")
@@ -555,6 +644,13 @@ class SocketWriter:
             for fd in self._regionFds:
                 os.close(fd)
             self._giveBuffers(out)
+            with self._cond:
+                self._threadExited = True
+                nbd = self._nbd
+            if nbd is not None:
+                # Before _threadDone: the connection is the reactor's
+                # again before the next request can use it.
+                self._reactor.callFromThread(nbd.giveBack)
             self._reactor.callFromThread(self._threadDone, error)
 
     def _giveBuffers(self, out) -> None:
@@ -564,7 +660,10 @@ class SocketWriter:
             _buffers.give(self._outBuffer)
         if self._readBuffer is not None:
             _buffers.give(self._readBuffer)
+        for buf in self._nbdBuffers or ():
+            _buffers.give(buf)
         self._outBuffer = self._outView = self._readBuffer = None
+        self._nbdBuffers = None
 
     def _sent(self, n: int) -> None:
         with self._cond:
@@ -697,6 +796,30 @@ class SocketWriter:
                 if buf is not None:
                     direct.give(buf)
                 self._item = None
+
+    def _sendNBD(self, region: NBDRegion, out, poller) -> None:
+        # Two reads in flight: the server reads the next piece while this
+        # one is sent.
+        conn = self._nbd.conn
+        if self._nbdBuffers is None:
+            self._nbdBuffers = [_buffers.take(), _buffers.take()]
+        free = list(self._nbdBuffers)
+        pending: deque = deque()
+        offset = region.offset
+        end = offset + region.length
+        step = min(_SEND_SIZE, conn.maxRequest)
+        while offset < end or pending:
+            while offset < end and free:
+                n = min(step, end - offset)
+                buf = free.pop()
+                view = memoryview(buf)[:n]
+                pending.append((conn.startRead(view, offset), buf, view))
+                offset += n
+            handle, buf, view = pending.popleft()
+            with view:
+                conn.finishRead(handle)
+                self._send(view, out, poller)
+            free.append(buf)
 
     def _dropBody(self) -> None:
         # Pages that were still queued on the socket when their piece was
