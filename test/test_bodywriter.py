@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -163,16 +164,28 @@ def test_privateOpenSSL():
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
 @pytest_twisted.ensureDeferred
-async def test_file_keep_alive(tlsServer, tmp_path, transport):
-    # File regions: read and written on unix sockets, sendfile on TCP.
+async def test_file_keep_alive(tlsServer, tmp_path, transport,
+                               monkeypatch):
+    # File regions, read and sent by the thread. The file is opened again
+    # by the thread, never in the reactor (an open on a hung mount
+    # blocks).
     data = fileTicket(tlsServer, tmp_path)
     bodies, regions = SocketWriter.bodies, SocketWriter.regions
+    opened = []
+    reopen = bodywriter._reopen
+    openDirect = bodywriter._openDirect
+    monkeypatch.setattr(bodywriter, "_reopen", lambda fd: (
+        opened.append(threading.current_thread().name), reopen(fd))[1])
+    monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: (
+        opened.append(threading.current_thread().name), openDirect(fd))[1])
     con = (UnixHTTPConnection(tlsServer.unixPath) if transport == "unix"
            else tcpConnection(tlsServer))
     results = await threads.deferToThread(sequence, con, "f1", data)
     assert results == [True] * 4
     assert SocketWriter.bodies == bodies + 2
     assert SocketWriter.regions > regions
+    assert len(opened) >= 2
+    assert set(opened) == {"imageio-writer"}
 
 
 @pytest_twisted.ensureDeferred
@@ -303,10 +316,17 @@ def test_pageCacheSource(tmp_path):
                           str(path), mode="r")
     fd = regular.pageCacheSource()
     try:
-        # A descriptor of its own, through the page cache.
+        # A duplicate of its own, which the writer thread opens again
+        # through the page cache (and not in the reactor: an open on a
+        # hung mount blocks).
         assert fd is not None and fd != regular._fd
-        assert fcntlFlags(fd) & os.O_DIRECT == 0
-        assert os.pread(fd, 4, 0) == b"xxxx"
+        assert os.fstat(fd).st_ino == os.fstat(regular._fd).st_ino
+        again = bodywriter._reopen(fd)
+        try:
+            assert fcntlFlags(again) & os.O_DIRECT == 0
+            assert os.pread(again, 4, 0) == b"xxxx"
+        finally:
+            os.close(again)
     finally:
         os.close(fd)
     # Never for a block device: a shared LUN may be written by another

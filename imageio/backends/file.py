@@ -527,26 +527,24 @@ class FileBackend:
 
     def pageCacheSource(self) -> int | None:
         """
-        A new read-only descriptor of this file for the writer thread's
-        reads (L{imageio.web.bodywriter}), owned by the caller; C{None} for a
-        block device, if the backend is closed, or if the file cannot be
-        opened again.
+        A duplicate of this backend's descriptor for the writer thread
+        (L{imageio.web.bodywriter}), owned by the caller; C{None} for a
+        block device or if the backend is closed.
 
-        It is a new open file description (through C{/proc/self/fd}), not a
-        C{dup}: it goes through the page cache, while C{O_DIRECT} stays on
-        this backend's own descriptor, and it survives a close of the
-        backend in the middle of a transfer. Block devices never go
-        through the page cache here: a shared LUN written by another host
-        would leave stale pages in ours (the reason for C{O_DIRECT}).
-        Regular files are coherent through it (a local filesystem, or NFS,
-        which revalidates on open).
+        The thread opens the file again from it, through C{/proc/self/fd}
+        (a new open file description without C{O_DIRECT}, through the page
+        cache, and one with it where that works), in the thread: an open on
+        a hung NFS mount blocks, and must not block the reactor. A
+        duplicate survives a close of the backend in the middle of a
+        transfer. Block devices never go through the page cache here: a
+        shared LUN written by another host would leave stale pages in ours
+        (the reason for C{O_DIRECT}). Regular files are coherent through it
+        (a local filesystem, or NFS, which revalidates on open).
         """
         if self.isBlock:
             return None
         try:
-            fd = self._checkOpen()
-            return os.open(f"/proc/self/fd/{fd}",
-                           os.O_RDONLY | os.O_CLOEXEC)
+            return os.dup(self._checkOpen())
         except (BackendError, OSError) as e:
             self._log.debug("No page cache source for {path}: {error}",
                             path=self.path, error=e)

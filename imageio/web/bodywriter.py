@@ -341,6 +341,8 @@ class SocketWriter:
         self._abortedByCaller = False
         self._ended = False
         self._regionFds: list[int] = []
+        self._regionFd = None
+        self._wantDirect = False
         self._directFd = None
         self._direct = None
         self._item = None
@@ -475,12 +477,11 @@ class SocketWriter:
             return backend
         self._regionFds.append(fd)
         self._highWater = REGION_HIGH_WATER
-        if getattr(backend, "direct", False) and \
-                getattr(backend, "blockSize", _ALIGN) <= _ALIGN:
-            # Where the backend found O_DIRECT to work, the thread reads
-            # with it too: the page cache work of buffered reads (read
-            # ahead, copy, drop) cost 0.5 s of CPU per GiB.
-            self._directFd = _openDirect(fd)
+        # Where the backend found O_DIRECT to work, the thread reads with
+        # it too: the page cache work of buffered reads (read ahead, copy,
+        # drop) cost 0.5 s of CPU per GiB.
+        self._wantDirect = (getattr(backend, "direct", False) and
+                            getattr(backend, "blockSize", _ALIGN) <= _ALIGN)
         return _Regions(backend, fd)
 
     def _lend(self, backend) -> bool:
@@ -641,6 +642,8 @@ class SocketWriter:
                 self._direct.stop()
             if self._directFd is not None:
                 os.close(self._directFd)
+            if self._regionFd is not None:
+                os.close(self._regionFd)
             for fd in self._regionFds:
                 os.close(fd)
             self._giveBuffers(out)
@@ -736,7 +739,13 @@ class SocketWriter:
         meanwhile (seen: 144 MiB of a 1 GiB image left cached on a unix
         socket, 166 MiB on TCP under load).
         """
-        fd = region.fd
+        if self._regionFd is None:
+            # The file is opened again here, not in the reactor: an open
+            # on a hung mount blocks.
+            self._regionFd = _reopen(region.fd)
+            if self._wantDirect:
+                self._directFd = _openDirect(region.fd)
+        fd = self._regionFd
         start = region.offset
         end = start + region.length
         if self._bodyEnd is None:
@@ -824,7 +833,7 @@ class SocketWriter:
     def _dropBody(self) -> None:
         # Pages that were still queued on the socket when their piece was
         # dropped get a second chance (all but the last few MiB).
-        os.posix_fadvise(self._regionFds[0], self._bodyStart,
+        os.posix_fadvise(self._regionFd, self._bodyStart,
                          self._bodyEnd - self._bodyStart,
                          os.POSIX_FADV_DONTNEED)
 
@@ -916,6 +925,14 @@ class SocketWriter:
         # body will not complete. Stop the thread; _threadDone aborts.
         self._log.debug("Connection closed during a threaded download")
         self._stopThread()
+
+
+def _reopen(fd: int) -> int:
+    """
+    A new descriptor (a new open file description, through the page
+    cache) of the file open as C{fd}.
+    """
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _openDirect(fd: int) -> int | None:
