@@ -297,3 +297,28 @@ def controlRequest(path, method, urlPath, body=None, headers=None):
         return request(con, method, urlPath, body, headers)
     finally:
         con.close()
+
+
+def readResponse(sock, buf):
+    """
+    One HTTP/1.1 response from C{sock} (C{buf}: bytes already read past
+    the previous one): C{(status, body, bytes read past this one)}.
+    """
+    buf = bytearray(buf)
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    end = buf.index(b"\r\n\r\n")
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    del buf[:end + 4]
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(buf) < length:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    return int(lines[0].split()[1]), bytes(buf[:length]), bytes(buf[length:])

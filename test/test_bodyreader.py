@@ -24,7 +24,7 @@ from imageio.web import bodyreader, handoff
 from imageio.web.bodyreader import SocketReader
 
 from test.test_images import Server, pattern, sleep, _waitFor  # noqa: F401
-from test.support import UnixHTTPConnection
+from test.support import UnixHTTPConnection, readResponse
 from test.test_bodywriter import (  # noqa: F401
     get, sparseFileTicket, tlsConnection, tlsServer)
 
@@ -176,29 +176,6 @@ def tlsSocket(server):
     raw = socket.create_connection(("127.0.0.1", server.tlsPort.getHost().port),
                                    timeout=30)
     return ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-
-
-def readResponse(sock, buf):
-    """
-    One response from C{sock} (C{buf}: bytes already read); returns
-    (status, body, rest of buf).
-    """
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(buf)
-        buf += chunk
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in
-               (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", 0))
-    while len(buf) < length:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError(buf)
-        buf += chunk
-    return int(lines[0].split()[1]), buf[:length], buf[length:]
 
 
 @pytest.mark.parametrize("transport,backend", [

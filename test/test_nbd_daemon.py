@@ -37,7 +37,7 @@ import pytest
 from imageio.units import KiB, MiB
 from test.support import (
     Daemon, UnixHTTPConnection, controlRequest, daemonConf, httpsConnection,
-    makePKI, request, writeConf)
+    makePKI, readResponse, request, writeConf)
 from test.test_images_ref import refvenv  # noqa: F401 (fixture)
 
 QEMU = all(shutil.which(p) for p in ("qemu-img", "qemu-nbd", "qemu-io"))
@@ -423,13 +423,22 @@ def test_write_error(daemon, servers):
     removeTicket(daemon, tid)
 
 
-def test_qemu_nbd_killed_mid_download(daemon, servers, workdir):
-    size = 128 * MiB
+def randomExport(daemon, servers, workdir, size):
+    """
+    A random raw image served read-only by qemu-nbd, and a read ticket.
+
+    @return: C{(image path, qemu-nbd process, ticket id)}.
+    """
     image = os.path.join(workdir, "random.raw")
     with open(image, "wb") as f:
         f.write(os.urandom(size))
     proc, sock = servers.qemuNbd(image, "raw", "--read-only")
-    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    return image, proc, addTicket(daemon, nbdURL(sock), size, ops=["read"])
+
+
+def test_qemu_nbd_killed_mid_download(daemon, servers, workdir):
+    size = 128 * MiB
+    image, proc, tid = randomExport(daemon, servers, workdir, size)
     con = remote(daemon)
     try:
         con.request("GET", f"/images/{tid}")
@@ -597,31 +606,6 @@ def localSocket(daemon):
     s.settimeout(TIMEOUT)
     s.connect(daemon.localSocket)
     return s
-
-
-def readResponse(sock, buf):
-    """
-    One response from C{sock} (C{buf}: bytes already read): C{(status,
-    body, rest of buf)}.
-    """
-    buf = bytearray(buf)
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise EOFError(buf)
-        buf += chunk
-    end = buf.index(b"\r\n\r\n")
-    lines = buf[:end].decode("latin-1").split("\r\n")
-    del buf[:end + 4]
-    headers = {k.strip().lower(): v.strip() for k, _, v in
-               (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", 0))
-    while len(buf) < length:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError(buf)
-        buf += chunk
-    return int(lines[0].split()[1]), bytes(buf[:length]), bytes(buf[length:])
 
 
 @pytest.mark.parametrize("transport", ["tls", "unix"])
@@ -814,12 +798,7 @@ def test_thread_download_client_gone(daemon, servers, workdir):
     # The client stops reading and disconnects in the middle: the lent
     # connection (reads in flight) is dropped, and the ticket serves new
     # connections.
-    size = 64 * MiB
-    image = os.path.join(workdir, "data.raw")
-    with open(image, "wb") as f:
-        f.write(os.urandom(size))
-    _, sock = servers.qemuNbd(image, "raw", "--read-only")
-    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    image, _, tid = randomExport(daemon, servers, workdir, 64 * MiB)
     for _ in range(3):
         s = tlsSocket(daemon)
         s.sendall(f"GET /images/{tid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
