@@ -1053,15 +1053,15 @@ class NBDClient(Protocol):
     def lend(self) -> socket.socket | None:
         """
         Lend the connection to one thread, which then sends requests and
-        reads replies itself on the returned socket (a duplicate of the
-        connection's, with a timeout, so its descriptor stays non-blocking
-        for Twisted) until it calls L{giveBack} in the reactor. In between
-        the reactor does not read the connection; requests and a close
-        asked for meanwhile wait for L{giveBack}.
+        reads replies itself on the returned socket (the transport's own,
+        L{ITransport.getHandle}; the thread sets a timeout on it) until it
+        calls L{giveBack} in the reactor. In between the reactor does not
+        read the connection; requests and a close asked for meanwhile wait
+        for L{giveBack}.
 
         @return: the socket, or L{None} if the connection is not idle
             (requests in flight, a partial reply, closing, lost, failed,
-            lent) or has no descriptor.
+            lent) or has no socket.
         """
         if (not self._ready or self._lost or self._closing
                 or self._failure is not None or self._pending
@@ -1069,12 +1069,9 @@ class NBDClient(Protocol):
                 or self._chunk is not None or self._sink is not None
                 or self._simpleRead is not None):
             return None
-        fileno = getattr(self.transport, "fileno", None)
-        if fileno is None:
-            return None
-        try:
-            sock = socket.socket(fileno=os.dup(fileno()))
-        except OSError:
+        getHandle = getattr(self.transport, "getHandle", None)
+        sock = getHandle() if getHandle is not None else None
+        if not isinstance(sock, socket.socket):
             return None
         # Every request written got its reply, so nothing is left in the
         # transport's buffer either.
@@ -1092,11 +1089,12 @@ class NBDClient(Protocol):
         sock, self._lent = self._lent, None
         if sock is None:
             return
-        sock.close()
         if broken:
             self._abort(NBDConnectionLost(
                 "NBD connection dropped in the middle of a request"))
         elif not self._lost:
+            # Non-blocking again, as Twisted keeps it.
+            sock.setblocking(False)
             self.transport.startReading()
         waiting, self._waiting = self._waiting, []
         for args, d in waiting:
