@@ -574,3 +574,55 @@ def test_dirty_extents(daemon, servers, workdir):
         con.close()
     removeTicket(daemon, dirtyTicket)
     removeTicket(daemon, plainTicket)
+
+
+# ---------------------------------------------------------------------------
+# 6. Checksums
+
+
+@requiresNbdkit
+def test_checksum_reads_only_data_blocks(daemon, servers, workdir, refvenv):
+    """
+    The checksum of an nbd ticket equals the reference's blkhash of the
+    same image for each algorithm and block size, and reads from the NBD
+    server only the blocks that hold data (zero blocks use the known
+    digest), however large the holes.
+    """
+    size = 16 * 1024 * MiB + 3 * MiB
+    chunks = [(0, 100 * KiB), (5 * MiB - 4 * KiB, 8 * KiB),
+              (3 * 1024 * MiB + 64 * KiB, 5 * MiB),
+              (size - 1 * MiB, 1 * MiB)]
+    image = writeSparse(os.path.join(workdir, "sparse.raw"), size, chunks)
+    log = os.path.join(workdir, "nbdkit.log")
+    _, sock = servers.nbdkit("--filter=log", "file", image,
+                             f"logfile={log}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    cases = [("blake2b", 4 * MiB), ("sha1", 1 * MiB), ("sha256", 16 * MiB)]
+    ours = []
+    con = local(daemon)
+    try:
+        for algorithm, blockSize in cases:
+            before = nbdkitReads(log)[1]
+            status, _, body = request(
+                con, "GET", f"/images/{tid}/checksum?algorithm={algorithm}"
+                f"&block_size={blockSize}")
+            assert status == 200, body
+            ours.append(json.loads(body))
+            read = nbdkitReads(log)[1] - before
+            blocks = set()
+            for offset, length in chunks:
+                blocks.update(range(offset // blockSize,
+                                    (offset + length - 1) // blockSize + 1))
+            # Whole blocks holding data, nothing of the holes between.
+            assert 0 < read <= len(blocks) * blockSize, (read, blocks)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+    theirs = refClient(refvenv, f"""
+        import json
+        from ovirt_imageio import client
+        print(json.dumps([client.checksum({image!r}, block_size=bs,
+                                          algorithm=alg)
+                          for alg, bs in {cases!r}]))
+    """)
+    assert ours == json.loads(theirs.strip().splitlines()[-1])
