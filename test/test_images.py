@@ -1016,6 +1016,30 @@ async def test_extents_errors(server):
     await client.closed
 
 
+@pytest.mark.parametrize("count", [1, images._BIG_EXTENTS + 7])
+@pytest_twisted.ensureDeferred
+async def test_extents_body_bytes(server, count):
+    """
+    The extents body is byte for byte json.dumps of the dicts, small lists
+    (encoded in the reactor) and large ones (in the pool), both contexts.
+    """
+    size = count * 4096
+    server.addTicket(size=size, dirty=True)
+    zero = [ZeroExtent(i * 4096, 4096, bool(i % 2), bool(i % 3 == 1))
+            for i in range(count)]
+    dirty = [DirtyExtent(i * 4096, 4096, bool(i % 3 == 2), bool(i % 2))
+             for i in range(count)]
+    server.extents["t1"] = zero
+    server.dirty["t1"] = dirty
+    for context, extents in (("zero", zero), ("dirty", dirty)):
+        r = await request(server.address, "GET",
+                          f"/images/t1/extents?context={context}")
+        assert r.status == 200
+        assert r.headers["content-type"] == "application/json"
+        assert r.body == (json.dumps([e.toDict() for e in extents])
+                          + "\n").encode()
+
+
 # ---------------------------------------------------------------------------
 # Checksum
 
