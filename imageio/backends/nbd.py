@@ -31,7 +31,7 @@ DEFAULT_BUFFER_SIZE = 8 * MiB
 # the requests of 2 GiB steps: the 8 TiB bench image (32,768 extents) costs
 # the daemon ~0.3 s of CPU instead of ~0.5 s. The time is qemu-nbd's, which
 # reads every 4 KiB L2 slice of a qcow2 image one by one, the same for any
-# step size or depth (docs/architecture.md, "Extents").
+# step size or depth (docs/architecture.md, "Data paths").
 MAX_STATUS_STEP = nbd.MAX_LENGTH + 1 - 1 * MiB
 
 # Block status requests in flight while listing extents: the server always
