@@ -626,3 +626,44 @@ def test_checksum_reads_only_data_blocks(daemon, servers, workdir, refvenv):
                           for alg, bs in {cases!r}]))
     """)
     assert ours == json.loads(theirs.strip().splitlines()[-1])
+
+
+@requiresNbdkit
+def test_checksum_server_killed(daemon, servers, workdir):
+    """
+    The NBD server dies while a checksum has reads and hashes in flight:
+    a short 500, no traceback, and the daemon keeps serving.
+    """
+    size = 16 * 1024 * MiB
+    proc, sock = servers.nbdkit("random", f"size={size}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    con = local(daemon)
+    try:
+        con.request("GET", f"/images/{tid}/checksum")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        resp = con.getresponse()
+        body = resp.read()
+        assert (resp.status, body) == (500, GENERIC_ERROR)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+    image = writeSparse(os.path.join(workdir, "other.raw"), 8 * MiB,
+                        [(MiB, MiB)])
+    _, sock2 = servers.qemuNbd(image, "raw", "--read-only")
+    tid2 = addTicket(daemon, nbdURL(sock2), 8 * MiB, ops=["read"])
+    con = local(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid2}/checksum")
+        assert status == 200, body
+        with open(image, "rb") as f:
+            data = f.read()
+        outer = hashlib.blake2b(digest_size=32)
+        for i in range(0, len(data), 4 * MiB):
+            outer.update(hashlib.blake2b(data[i:i + 4 * MiB],
+                                         digest_size=32).digest())
+        assert json.loads(body)["checksum"] == outer.hexdigest()
+    finally:
+        con.close()
+    removeTicket(daemon, tid2)
