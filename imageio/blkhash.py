@@ -318,8 +318,7 @@ class Hasher:
         if not 0 < length <= self.blockSize:
             raise ValueError(f"Invalid block length: {length}")
         if length < self.blockSize:
-            # The last block: digest() adds it once more data is known
-            # not to follow (same as a partial block fed by update).
+            # Only the image's last block is short: nothing may follow.
             self._ended = True
         self._outer.update(digest)
         self.position += length
