@@ -187,6 +187,24 @@ class NBDBackend:
             return defer.succeed(b"")
         return self._client.read(offset, length).addErrback(_wrap("read"))
 
+    def readPieces(self, offset: int, length: int) -> defer.Deferred:
+        """
+        L{read} without joining the payload: a list of bytes-like pieces
+        whose concatenation is the data (L{nbd.NBDClient.readPieces}), for
+        the checksum, which hashes the pieces where they are.
+
+        @param length: at most L{maxRequest}.
+        """
+        try:
+            self._check("read")
+        except BackendError:
+            return defer.fail()
+        length = max(0, min(length, self._size - offset))
+        if length == 0:
+            return defer.succeed([])
+        d = self._client.readPieces(offset, length)
+        return d.addErrback(_wrap("read"))
+
     def write(self, offset: int, data) -> defer.Deferred[None]:
         try:
             self._check("write", write=True)
