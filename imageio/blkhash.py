@@ -16,6 +16,12 @@ every byte.
 Nothing here has shared mutable state: one L{Hasher} may be fed from any
 thread (hashlib releases the GIL for large inputs), as long as the calls on
 one instance are made one after the other.
+
+Blocks are independent, so their digests may be computed out of order and
+on several threads: L{blocks} cuts an image into data blocks and runs of
+zero blocks from its extents, L{Hasher.blockDigest} (safe on any thread,
+any number at once) hashes one data block, and L{Hasher.addBlock} /
+L{Hasher.zero} add the results in image order.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from imageio.units import KiB, MiB
 
 __all__ = [
     "ALGORITHM", "ALGORITHMS", "BLOCK_SIZE", "DIGEST_SIZE", "Hasher",
-    "digestSizeFor", "isZero",
+    "blocks", "digestSizeFor", "isZero",
 ]
 
 BLOCK_SIZE = 4 * MiB
@@ -136,6 +142,50 @@ def _zeroBlockDigest(algorithm: str, blockSize: int,
     return h.digest()
 
 
+def blocks(extents, size: int, blockSize: int):
+    """
+    Cut an image into what L{Hasher} needs, from its zero extents.
+
+    A block that holds any byte of a data extent is a data block: it must
+    be read (as a whole) and hashed. Every other block reads as zeroes and
+    needs no read. Consecutive zero blocks come as one run, so an 8 TiB
+    hole is one item, not two million.
+
+    @param extents: L{ZeroExtent}-like objects (C{start}, C{end}, C{zero})
+        in image order, not overlapping. Ranges no extent covers, and
+        anything past C{size}, read as zeroes.
+    @param size: the image size.
+    @param blockSize: the block size.
+    @return: an iterator of C{(start, length, zero)} covering C{[0, size)}
+        in order: data items are one block each (the last block of the
+        image may be short), zero items whole runs of blocks.
+    """
+    done = 0                       # blocks [0, done) were given out
+    count = -(-size // blockSize)  # blocks in the image
+
+    def item(first, last, zero):
+        start = first * blockSize
+        return start, min(last * blockSize, size) - start, zero
+
+    for e in extents:
+        if e.zero:
+            continue
+        end = min(e.end, size)
+        if e.start >= end:
+            continue
+        first = max(e.start // blockSize, done)
+        last = (end - 1) // blockSize + 1
+        if first >= last:
+            continue
+        if first > done:
+            yield item(done, first, True)
+        for i in range(first, last):
+            yield item(i, i + 1, False)
+        done = last
+    if done < count:
+        yield item(done, count, True)
+
+
 class Hasher:
     """
     Incremental blkhash of one image.
@@ -157,6 +207,7 @@ class Hasher:
     @ivar _block: hash of the current partial block, or C{None}.
     @ivar _filled: bytes in the current partial block.
     @ivar _detectZeroes: check full data blocks with L{isZero} first.
+    @ivar _ended: a short (last) block was added with L{addBlock}.
     """
 
     def __init__(self, algorithm: str = ALGORITHM,
@@ -186,6 +237,11 @@ class Hasher:
         self._block = None
         self._filled = 0
         self._detectZeroes = detectZeroes
+        self._ended = False
+
+    def _checkOpen(self) -> None:
+        if self._ended:
+            raise ValueError("Data added after the short last block")
 
     def _zeroDigest(self) -> bytes:
         return _zeroBlockDigest(self.algorithm, self.blockSize,
@@ -202,6 +258,7 @@ class Hasher:
 
         @param data: a bytes-like object of any length.
         """
+        self._checkOpen()
         bs = self.blockSize
         with memoryview(data) as view, view.cast("B") as flat:
             length = len(flat)
@@ -225,6 +282,47 @@ class Hasher:
                 self._filled = length - pos
         self.position += length
 
+    def blockDigest(self, data) -> bytes:
+        """
+        The digest of one block, for L{addBlock}.
+
+        Touches no state of the instance, so any number of calls may run at
+        once on any threads (hashlib releases the GIL while it hashes).
+
+        @param data: the block: a bytes-like object, or a list of them
+            whose concatenation is the block. Its length is C{blockSize},
+            or less for the last block of the image.
+        """
+        parts = data if isinstance(data, list) else [data]
+        length = sum(memoryview(p).nbytes for p in parts)
+        if self._detectZeroes and all(isZero(p) for p in parts):
+            return _zeroBlockDigest(self.algorithm, length, self.digestSize)
+        h = self._new()
+        for p in parts:
+            h.update(p)
+        return h.digest()
+
+    def addBlock(self, digest: bytes, length: int) -> None:
+        """
+        Add the next block of the image by its digest (L{blockDigest}).
+
+        @param length: the block's length: C{blockSize}, or less for the
+            last block of the image.
+        @raise ValueError: if the image so far does not end on a block
+            boundary, or C{length} is out of range.
+        """
+        self._checkOpen()
+        if self._filled:
+            raise ValueError(
+                f"Block added at {self.position}, inside a block")
+        if not 0 < length <= self.blockSize:
+            raise ValueError(f"Invalid block length: {length}")
+        if length < self.blockSize:
+            # Only the image's last block is short: nothing may follow.
+            self._ended = True
+        self._outer.update(digest)
+        self.position += length
+
     def zero(self, count: int) -> None:
         """
         Add C{count} zero bytes (a range known to read as zeroes).
@@ -235,6 +333,7 @@ class Hasher:
         """
         if count < 0:
             raise ValueError(f"Invalid count: {count}")
+        self._checkOpen()
         self.position += count
         bs = self.blockSize
         if self._filled:

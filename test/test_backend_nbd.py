@@ -111,18 +111,23 @@ class ExtentsTests(SynchronousTestCase):
         self.assertEqual(client.calls, [("status", 0, 10 * MiB),
                                         ("status", 5 * MiB, 5 * MiB)])
 
-    def test_steps_of_2_gib(self):
-        size = 5 * GiB
-        client = FakeClient(size, [{BA: [(2 * GiB, 3)]},
-                                   {BA: [(2 * GiB, 3)]},
-                                   {BA: [(GiB, 0)]}])
+    def test_steps(self):
+        # Steps of MAX_STATUS_STEP (4 GiB - 1 MiB): the largest aligned
+        # length one request carries.
+        step = backend.MAX_STATUS_STEP
+        self.assertEqual(step, 4 * GiB - MiB)
+        size = 9 * GiB
+        client = FakeClient(size, [{BA: [(step, 3)]},
+                                   {BA: [(step, 3)]},
+                                   {BA: [(size - 2 * step, 0)]}])
         b = make(client)
         self.assertEqual(self.successResultOf(b.extents()), [
-            ZeroExtent(0, 4 * GiB, True, False),
-            ZeroExtent(4 * GiB, GiB, False, False)])
-        self.assertEqual(client.calls, [("status", 0, 2 * GiB),
-                                        ("status", 2 * GiB, 2 * GiB),
-                                        ("status", 4 * GiB, GiB)])
+            ZeroExtent(0, 2 * step, True, False),
+            ZeroExtent(2 * step, size - 2 * step, False, False)])
+        self.assertEqual(client.calls, [("status", 0, step),
+                                        ("status", step, step),
+                                        ("status", 2 * step,
+                                         size - 2 * step)])
 
     def test_allocation_depth(self):
         client = FakeClient(8 * MiB, [{

@@ -295,3 +295,147 @@ def test_is_zero_mmap_and_views():
     assert not isZero(m)
     assert isZero(memoryview(bytearray(16)).cast("I"))
     assert not isZero(memoryview(bytearray(b"\0\0\0\1")).cast("I"))
+
+
+# blocks, blockDigest, addBlock: out-of-order block hashing
+
+
+def _segmentsImage(segments):
+    """
+    The image and zero extents of C{[(zero, length)]} segments: data
+    segments hold non-zero bytes, except that every third one is zeroes
+    (data the extents do not know to be zero).
+    """
+    from imageio.extents import ZeroExtent
+    data = bytearray()
+    extents = []
+    for i, (zero, length) in enumerate(segments):
+        extents.append(ZeroExtent(len(data), length, zero))
+        if zero or i % 3 == 2:
+            data += bytes(length)
+        else:
+            data += bytes([i % 255 + 1]) * length
+    return bytes(data), extents
+
+
+def _hashByBlocks(data, extents, size, blockSize, split=False):
+    h = Hasher(blockSize=blockSize)
+    pos = 0
+    for start, length, zero in blkhash.blocks(extents, size, blockSize):
+        assert start == pos
+        assert length > 0
+        if zero:
+            assert data[start:start + length] == bytes(length)
+            h.zero(length)
+        else:
+            assert start % blockSize == 0
+            assert length == min(blockSize, size - start)
+            block = data[start:start + length]
+            if split:
+                block = [block[:length // 3], block[length // 3:]]
+            h.addBlock(h.blockDigest(block), length)
+        pos += length
+    assert pos == size
+    return h.hexdigest()
+
+
+@settings(max_examples=150, deadline=None)
+@given(segments=st.lists(
+    st.tuples(st.booleans(), st.integers(min_value=1, max_value=5000)),
+    max_size=10),
+    tail=st.integers(min_value=-3000, max_value=3000),
+    blockSize=st.sampled_from([512, 1024, 4096]),
+    split=st.booleans())
+def test_blocks_digest_equals_plain(segments, tail, blockSize, split):
+    """
+    Hashing the data blocks from L{blkhash.blocks} one by one (reading
+    nothing for zero runs) gives the checksum of every byte, also when the
+    extents end before the image (the rest is zeroes) or past it.
+    """
+    data, extents = _segmentsImage(segments)
+    size = max(0, len(data) + tail)
+    data = (data + bytes(max(0, tail)))[:size]
+    assert _hashByBlocks(data, extents, size, blockSize, split) == \
+        plain(data, blockSize=blockSize)
+
+
+def test_blocks_shapes():
+    from imageio.extents import ZeroExtent
+    bs = 100
+    extents = [ZeroExtent(0, 250, True), ZeroExtent(250, 10, False),
+               ZeroExtent(260, 1000, True), ZeroExtent(1260, 1, False),
+               ZeroExtent(1261, 100000, True)]
+    assert list(blkhash.blocks(extents, 1500, bs)) == [
+        (0, 200, True),        # two whole zero blocks: one run
+        (200, 100, False),     # the block holding the data extent
+        (300, 900, True),
+        (1200, 100, False),
+        (1300, 200, True),     # to the image end, past the extents' end
+    ]
+    # No extents: all zero; an empty image: nothing.
+    assert list(blkhash.blocks([], 250, bs)) == [(0, 250, True)]
+    assert list(blkhash.blocks([], 0, bs)) == []
+    # A huge hole is one item, not a block each.
+    huge = [ZeroExtent(0, 8 * 2**40, True)]
+    assert list(blkhash.blocks(huge, 8 * 2**40, 4 * MiB)) == [
+        (0, 8 * 2**40, True)]
+    # A short last data block.
+    assert list(blkhash.blocks([ZeroExtent(0, 150, False)], 150, bs)) == [
+        (0, 100, False), (100, 50, False)]
+
+
+def test_block_digest_zero_detection():
+    h = Hasher(blockSize=4096)
+    zero = hashlib.blake2b(bytes(4096), digest_size=32).digest()
+    assert h.blockDigest(bytes(4096)) == zero
+    assert h.blockDigest([bytes(1000), bytearray(3096)]) == zero
+    short = hashlib.blake2b(bytes(10), digest_size=32).digest()
+    assert h.blockDigest(memoryview(bytes(10))) == short
+    data = b"x" + bytes(4095)
+    assert h.blockDigest([data[:1], data[1:]]) == \
+        hashlib.blake2b(data, digest_size=32).digest()
+    sha = Hasher("sha1", blockSize=4096, detectZeroes=False)
+    assert sha.blockDigest(bytes(4096)) == hashlib.sha1(bytes(4096)).digest()
+
+
+def test_block_digest_threads():
+    """
+    blockDigest keeps no state: many at once on threads give the same
+    digests as one by one.
+    """
+    h = Hasher(blockSize=1 * MiB)
+    blocks = [bytes([i]) * MiB for i in range(16)]
+    expected = [hashlib.blake2b(b, digest_size=32).digest() for b in blocks]
+    results = [None] * len(blocks)
+
+    def work(i):
+        results[i] = h.blockDigest(blocks[i])
+
+    threads = [threading.Thread(target=work, args=(i,))
+               for i in range(len(blocks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_add_block_errors():
+    h = Hasher(blockSize=4096)
+    h.update(b"x")
+    with pytest.raises(ValueError, match="inside a block"):
+        h.addBlock(bytes(32), 4096)
+    h = Hasher(blockSize=4096)
+    with pytest.raises(ValueError, match="Invalid block length"):
+        h.addBlock(bytes(32), 4097)
+    with pytest.raises(ValueError, match="Invalid block length"):
+        h.addBlock(bytes(32), 0)
+    # Nothing may follow a short (last) block.
+    h.addBlock(h.blockDigest(b"abc"), 3)
+    assert h.hexdigest() == plain(b"abc", blockSize=4096)
+    assert h.position == 3
+    for call in (lambda: h.addBlock(bytes(32), 4096), lambda: h.zero(1),
+                 lambda: h.update(b"x")):
+        with pytest.raises(ValueError, match="after the short last block"):
+            call()
+    assert h.hexdigest() == plain(b"abc", blockSize=4096)

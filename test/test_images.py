@@ -12,6 +12,7 @@ import json
 import os
 import resource as _resource
 import shutil
+import threading
 import time
 
 import pytest
@@ -29,6 +30,7 @@ from imageio.extents import DirtyExtent, ZeroExtent
 from imageio.tickets import TicketStore
 from imageio.units import KiB, MiB, GiB
 from imageio.web.http import Root, makeSite
+from imageio.web import images
 from imageio.web.images import Images
 from imageio.web.request import ImageioChannel, StreamingRequest
 
@@ -1014,6 +1016,30 @@ async def test_extents_errors(server):
     await client.closed
 
 
+@pytest.mark.parametrize("count", [1, images._BIG_EXTENTS + 7])
+@pytest_twisted.ensureDeferred
+async def test_extents_body_bytes(server, count):
+    """
+    The extents body is byte for byte json.dumps of the dicts, small lists
+    (encoded in the reactor) and large ones (in the pool), both contexts.
+    """
+    size = count * 4096
+    server.addTicket(size=size, dirty=True)
+    zero = [ZeroExtent(i * 4096, 4096, bool(i % 2), bool(i % 3 == 1))
+            for i in range(count)]
+    dirty = [DirtyExtent(i * 4096, 4096, bool(i % 3 == 2), bool(i % 2))
+             for i in range(count)]
+    server.extents["t1"] = zero
+    server.dirty["t1"] = dirty
+    for context, extents in (("zero", zero), ("dirty", dirty)):
+        r = await request(server.address, "GET",
+                          f"/images/t1/extents?context={context}")
+        assert r.status == 200
+        assert r.headers["content-type"] == "application/json"
+        assert r.body == (json.dumps([e.toDict() for e in extents])
+                          + "\n").encode()
+
+
 # ---------------------------------------------------------------------------
 # Checksum
 
@@ -1049,6 +1075,114 @@ async def test_checksum(server, algorithm, blockSize):
                         "checksum": blkhashOf(bytes(data), algorithm,
                                               blockSize)}
     assert server.store.get("t1").transferred() == len(data)
+
+
+@pytest.mark.parametrize("blockSize", [1 * MiB, 2 * MiB + 4096, 4 * MiB])
+@pytest_twisted.ensureDeferred
+async def test_checksum_unaligned_extents(server, blockSize):
+    """
+    Data extents starting and ending inside blocks, zero extents that are
+    not all zeroes' worth of blocks, extents ending before the image: the
+    checksum is still the one of every byte.
+    """
+    size = 21 * MiB + 4096 + 7
+    data = bytearray(size)
+    data[3 * MiB - 10:3 * MiB + 10] = pattern(20, 1)
+    data[9 * MiB + 4096:11 * MiB] = pattern(2 * MiB - 4096, 2)
+    data[20 * MiB:20 * MiB + 3] = b"end"
+    server.addTicket(data=bytes(data), ops=["read"])
+    server.extents["t1"] = [
+        ZeroExtent(0, 3 * MiB - 10, True),
+        ZeroExtent(3 * MiB - 10, 20, False),
+        ZeroExtent(3 * MiB + 10, 9 * MiB + 4086 - 3 * MiB, True),
+        ZeroExtent(9 * MiB + 4096, 2 * MiB - 4096, False),
+        ZeroExtent(11 * MiB, 9 * MiB, True),
+        ZeroExtent(20 * MiB, 4096, False)]
+    r = await request(server.address, "GET",
+                      f"/images/t1/checksum?block_size={blockSize}")
+    assert r.status == 200, r
+    assert r.json()["checksum"] == blkhashOf(bytes(data),
+                                             blockSize=blockSize)
+    assert server.store.get("t1").transferred() == size
+    # Only the blocks holding data were read.
+    backend = server.opened[0]
+    dataBlocks = {(3 * MiB - 10) // blockSize, (3 * MiB + 9) // blockSize,
+                  20 * MiB // blockSize}
+    dataBlocks |= set(range((9 * MiB + 4096) // blockSize,
+                            (11 * MiB - 1) // blockSize + 1))
+    reads = backend.calls.count("read")
+    assert reads <= len(dataBlocks) * -(-blockSize // MiB)
+
+
+@pytest_twisted.ensureDeferred
+async def test_checksum_reads_in_flight_bounded(server):
+    """
+    The checksum reads ahead, but keeps at most CHECKSUM_READS reads in
+    flight on the backend.
+    """
+    data = pattern(24 * MiB)
+    server.addTicket(data=data, ops=["read"])
+    server.holds["t1"] = ["read"]
+    d = defer.ensureDeferred(
+        request(server.address, "GET", "/images/t1/checksum"))
+    await _waitFor(lambda: server.opened and server.opened[0].pending)
+    await sleep(0.1)
+    backend = server.opened[0]
+    assert backend.pending == images.CHECKSUM_READS
+    backend.release()
+    r = await d
+    assert r.status == 200, r
+    assert r.json()["checksum"] == blkhashOf(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_checksum_read_ahead_bounded(server):
+    """
+    While hashing cannot keep up (every pool thread busy), reading stops
+    once CHECKSUM_BUFFER bytes of blocks wait for their digest: memory
+    does not grow with the image.
+    """
+    data = pattern(96 * MiB)
+    server.addTicket(data=data, ops=["read"])
+    busy = threading.Event()
+    started = []
+    for _ in range(server.pool.max):
+        server.pool.callInThread(lambda: (started.append(1), busy.wait(10)))
+    await _waitFor(lambda: len(started) == server.pool.max)
+    try:
+        d = defer.ensureDeferred(
+        request(server.address, "GET", "/images/t1/checksum"))
+        await _waitFor(lambda: server.opened
+                       and server.opened[0].calls.count("read"))
+        await sleep(0.2)
+        read = server.opened[0].calls.count("read") * 1 * MiB
+        assert read == images.CHECKSUM_BUFFER
+    finally:
+        busy.set()
+    r = await d
+    assert r.status == 200, r
+    assert r.json()["checksum"] == blkhashOf(data)
+    assert server.opened[0].calls.count("read") == len(data) // MiB
+
+
+@pytest_twisted.ensureDeferred
+async def test_checksum_canceled_with_reads_in_flight(server):
+    data = pattern(16 * MiB)
+    server.addTicket(data=data, ops=["read"])
+    server.holds["t1"] = ["read"]
+    d = defer.ensureDeferred(
+        request(server.address, "GET", "/images/t1/checksum"))
+    await _waitFor(lambda: server.opened and server.opened[0].pending)
+    removed = server.store.remove("t1", 5)
+    await sleep(0.05)
+    # The reads in flight end first: nothing outlives the request.
+    assert not removed.called
+    server.opened[0].release()
+    await removed
+    r = await d
+    assert r.status == 403, r
+    assert r.text.endswith("was canceled\n")
+    assert "Traceback" not in r.text
 
 
 @pytest_twisted.ensureDeferred

@@ -817,3 +817,96 @@ def test_thread_download_client_gone(daemon, servers, workdir):
     finally:
         con.close()
     removeTicket(daemon, tid)
+
+
+# ---------------------------------------------------------------------------
+# 6. Checksums
+
+
+@requiresNbdkit
+def test_checksum_reads_only_data_blocks(daemon, servers, workdir, refvenv):
+    """
+    The checksum of an nbd ticket equals the reference's blkhash of the
+    same image for each algorithm and block size, and reads from the NBD
+    server only the blocks that hold data (zero blocks use the known
+    digest), however large the holes.
+    """
+    size = 16 * 1024 * MiB + 3 * MiB
+    chunks = [(0, 100 * KiB), (5 * MiB - 4 * KiB, 8 * KiB),
+              (3 * 1024 * MiB + 64 * KiB, 5 * MiB),
+              (size - 1 * MiB, 1 * MiB)]
+    image = writeSparse(os.path.join(workdir, "sparse.raw"), size, chunks)
+    log = os.path.join(workdir, "nbdkit.log")
+    _, sock = servers.nbdkit("--filter=log", "file", image,
+                             f"logfile={log}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    cases = [("blake2b", 4 * MiB), ("sha1", 1 * MiB), ("sha256", 16 * MiB)]
+    ours = []
+    con = local(daemon)
+    try:
+        for algorithm, blockSize in cases:
+            before = nbdkitReads(log)[1]
+            status, _, body = request(
+                con, "GET", f"/images/{tid}/checksum?algorithm={algorithm}"
+                f"&block_size={blockSize}")
+            assert status == 200, body
+            ours.append(json.loads(body))
+            read = nbdkitReads(log)[1] - before
+            blocks = set()
+            for offset, length in chunks:
+                blocks.update(range(offset // blockSize,
+                                    (offset + length - 1) // blockSize + 1))
+            # Whole blocks holding data, nothing of the holes between.
+            assert 0 < read <= len(blocks) * blockSize, (read, blocks)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+    theirs = refClient(refvenv, f"""
+        import json
+        from ovirt_imageio import client
+        print(json.dumps([client.checksum({image!r}, block_size=bs,
+                                          algorithm=alg)
+                          for alg, bs in {cases!r}]))
+    """)
+    assert ours == json.loads(theirs.strip().splitlines()[-1])
+
+
+@requiresNbdkit
+def test_checksum_server_killed(daemon, servers, workdir):
+    """
+    The NBD server dies while a checksum has reads and hashes in flight:
+    a short 500, no traceback, and the daemon keeps serving.
+    """
+    size = 16 * 1024 * MiB
+    proc, sock = servers.nbdkit("random", f"size={size}")
+    tid = addTicket(daemon, nbdURL(sock), size, ops=["read"])
+    con = local(daemon)
+    try:
+        con.request("GET", f"/images/{tid}/checksum")
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        resp = con.getresponse()
+        body = resp.read()
+        assert (resp.status, body) == (500, GENERIC_ERROR)
+    finally:
+        con.close()
+    removeTicket(daemon, tid)
+    image = writeSparse(os.path.join(workdir, "other.raw"), 8 * MiB,
+                        [(MiB, MiB)])
+    _, sock2 = servers.qemuNbd(image, "raw", "--read-only")
+    tid2 = addTicket(daemon, nbdURL(sock2), 8 * MiB, ops=["read"])
+    con = local(daemon)
+    try:
+        status, _, body = request(con, "GET", f"/images/{tid2}/checksum")
+        assert status == 200, body
+        with open(image, "rb") as f:
+            data = f.read()
+        outer = hashlib.blake2b(digest_size=32)
+        for i in range(0, len(data), 4 * MiB):
+            outer.update(hashlib.blake2b(data[i:i + 4 * MiB],
+                                         digest_size=32).digest())
+        assert json.loads(body)["checksum"] == outer.hexdigest()
+    finally:
+        con.close()
+    removeTicket(daemon, tid2)

@@ -552,6 +552,62 @@ class TransmissionTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(buf, b"\0\0abcd\0\0")
 
+    def test_read_pieces(self):
+        """
+        readPieces gives the payload as it arrived, in image order, holes
+        as zeroes, without joining: the same bytes as read.
+        """
+        data = bytes(range(256)) * 16
+        for step in STEPS:
+            client, transport = readyClient()
+            d = client.readPieces(1 << 20, 8192)
+            [req] = parseRequests(transport.value())
+            self.assertEqual(req[1:5][0], nbd.CMD_READ)
+            h = req[2]
+            stream = (dataChunk(h, (1 << 20) + 4096, data)
+                      + holeChunk(h, (1 << 20) + 1024, 3072)
+                      + dataChunk(h, 1 << 20, data[:1024])
+                      + noneChunk(h))
+            feed(client, stream, step)
+            pieces = self.successResultOf(d)
+            self.assertIsInstance(pieces, list)
+            self.assertEqual(b"".join(bytes(p) for p in pieces),
+                             data[:1024] + bytes(3072) + data)
+            if step == len(stream):
+                # One dataReceived: each chunk is one piece, not a copy.
+                self.assertEqual(len(pieces), 3)
+                self.assertIsInstance(pieces[0], memoryview)
+
+    def test_read_pieces_simple_reply(self):
+        client, transport = readyClient(structured=False)
+        d = client.readPieces(0, 100)
+        [req] = parseRequests(transport.value())
+        feed(client, simpleReply(req[2], data=bytes(range(100))), 7)
+        pieces = self.successResultOf(d)
+        self.assertEqual(len(pieces), 15)
+        self.assertEqual(b"".join(pieces), bytes(range(100)))
+
+    def test_read_pieces_overlapping_chunks_joined(self):
+        # A server sending overlapping chunks (against the spec) still
+        # gives the bytes read() would: one joined piece.
+        client, transport = readyClient()
+        d = client.readPieces(0, 8)
+        [req] = parseRequests(transport.value())
+        h = req[2]
+        feed(client, dataChunk(h, 0, b"abcd") + dataChunk(h, 2, b"XY")
+             + dataChunk(h, 6, b"gh", done=True))
+        self.assertEqual(self.successResultOf(d), [b"abXY\0\0gh"])
+
+    def test_read_pieces_limits(self):
+        client, transport = readyClient(mx=4096)
+        self.assertEqual(self.successResultOf(client.readPieces(0, 0)), [])
+        self.failureResultOf(client.readPieces(0, 4097), ValueError)
+        self.assertEqual(transport.value(), b"")
+        d = client.readPieces(0, 16)
+        [req] = parseRequests(transport.value())
+        feed(client, errorChunk(req[2], 5, b"broken"))
+        self.failureResultOf(d, NBDReplyError)
+
     def test_read_empty(self):
         client, transport = readyClient()
         self.assertEqual(self.successResultOf(client.read(0, 0)), b"")

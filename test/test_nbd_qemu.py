@@ -264,6 +264,35 @@ async def test_pipelined_reads_and_splitting(qemuNbd, tmp_path):
 
 @requiresQemu
 @pytest_twisted.ensureDeferred
+async def test_read_pieces(qemuNbd, tmp_path):
+    """
+    readPieces of data, holes and both, pipelined: the same bytes as read.
+    """
+    image = tmp_path / "disk.raw"
+    data = bytearray(16 * MiB)
+    data[:3 * MiB] = os.urandom(3 * MiB)
+    data[9 * MiB:9 * MiB + 4096] = os.urandom(4096)
+    with open(image, "wb") as f:
+        f.truncate(len(data))
+        f.write(data[:3 * MiB])
+        f.seek(9 * MiB)
+        f.write(data[9 * MiB:9 * MiB + 4096])
+    server = qemuNbd(image, "raw", "--read-only")
+    client = await nbd.connect(_reactor(), server.url)
+    try:
+        ranges = [(0, 2 * MiB), (2 * MiB, 2 * MiB), (4 * MiB, 2 * MiB),
+                  (8 * MiB + 7, 2 * MiB), (0, 16 * MiB)]
+        results = await defer.gatherResults(
+            [client.readPieces(off, n) for off, n in ranges])
+        for (off, n), pieces in zip(ranges, results):
+            assert isinstance(pieces, list)
+            assert b"".join(bytes(p) for p in pieces) == data[off:off + n]
+    finally:
+        await client.close()
+
+
+@requiresQemu
+@pytest_twisted.ensureDeferred
 async def test_read_past_end(qemuNbd, tmp_path):
     server = qemuNbd(makeRaw(tmp_path / "d.raw", MiB))
     client = await nbd.connect(_reactor(), server.url)

@@ -253,13 +253,15 @@ class _Request:
         payload pieces as received (memoryviews of the received data, or
         zeroes for holes), joined into one C{bytes} when the reply is
         complete.
+    @ivar pieces: for collecting reads, fire with the pieces in image
+        order instead of joining them (L{NBDClient.readPieces}).
     @ivar received: payload bytes received so far (reads).
     @ivar extents: for block status, C{{context name: [(length, flags)]}}.
     @ivar error: the first error chunk (an L{NBDReplyError}) or L{None}.
     """
 
     __slots__ = ("handle", "cmd", "offset", "length", "deferred", "buf",
-                 "parts", "received", "extents", "error")
+                 "parts", "pieces", "received", "extents", "error")
 
     def __init__(self, handle, cmd, offset, length, deferred, buf=None):
         self.handle = handle
@@ -269,6 +271,7 @@ class _Request:
         self.deferred = deferred
         self.buf = buf
         self.parts = None
+        self.pieces = False
         self.received = 0
         self.extents = None
         self.error = None
@@ -276,6 +279,25 @@ class _Request:
 
 def _replyError(code: int, message: str = "") -> NBDReplyError:
     return NBDReplyError(ERRNO.get(code, code), message)
+
+
+def _ordered(parts: list, length: int) -> list:
+    """
+    The payload pieces of a read in image order, without copying them.
+
+    @param parts: as for L{_join}.
+    @return: bytes-like objects whose concatenation is the payload (one
+        joined C{bytes} if the pieces do not tile the range exactly).
+    """
+    ordered = sorted(parts, key=lambda part: part[0])
+    pos = 0
+    for start, piece in ordered:
+        if start != pos:
+            return [_join(parts, length)]
+        pos += len(piece)
+    if pos != length:
+        return [_join(parts, length)]
+    return [piece for _, piece in ordered]
 
 
 def _join(parts: list, length: int) -> bytes:
@@ -891,7 +913,9 @@ class NBDClient(Protocol):
         if error is not None:
             self._fire(req.deferred, Failure(error))
         elif req.cmd == CMD_READ:
-            if req.parts is not None:
+            if req.pieces:
+                self._fire(req.deferred, _ordered(req.parts, req.length))
+            elif req.parts is not None:
                 self._fire(req.deferred, _join(req.parts, req.length))
             else:
                 self._fire(req.deferred, req.buf)
@@ -902,7 +926,8 @@ class NBDClient(Protocol):
 
     # Transmission: requests
 
-    def _send(self, cmd, offset, length, flags=0, payload=None, buf=None):
+    def _send(self, cmd, offset, length, flags=0, payload=None, buf=None,
+              pieces=False):
         if self._failure is not None:
             return defer.fail(self._failure)
         if not self._ready or self.exportSize is None:
@@ -921,6 +946,7 @@ class NBDClient(Protocol):
         req = _Request(handle, cmd, offset, length, d, buf)
         if cmd == CMD_READ and buf is None:
             req.parts = []
+            req.pieces = pieces
         if cmd == CMD_BLOCK_STATUS:
             req.extents = {}
         self._pending[handle] = req
@@ -973,6 +999,25 @@ class NBDClient(Protocol):
               for start, n in self._parts(offset, length,
                                           self.maximumBlockSize)]
         return self._gather(ds, buf)
+
+    def readPieces(self, offset: int, length: int) -> defer.Deferred:
+        """
+        Read C{length} bytes at C{offset} as the pieces they arrived in,
+        without joining them: for consumers that take a list of buffers
+        (a hash), this saves the copy L{read} makes.
+
+        @param length: at most L{maximumBlockSize} (one request).
+        @return: L{Deferred} firing with a list of bytes-like objects
+            (read-only memoryviews of the received data, or C{bytes})
+            whose concatenation is the data.
+        """
+        if length == 0:
+            return defer.succeed([])
+        if length > self.maximumBlockSize:
+            return defer.fail(ValueError(
+                f"Read of {length} bytes larger than the server's maximum "
+                f"{self.maximumBlockSize}"))
+        return self._send(CMD_READ, offset, length, pieces=True)
 
     def readInto(self, offset: int, buf) -> defer.Deferred:
         """
