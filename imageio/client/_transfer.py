@@ -32,6 +32,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from imageio.client import _bodythread
 from imageio.client._errors import (
     ServerError, TransferError, _backend_text)
 from imageio.logs import Logger
@@ -320,7 +321,10 @@ class _SinkConsumer:
     the HTTP transport while NBD writes are pending.
     """
 
-    def __init__(self, backend, offset, buffer_size, operation):
+    def __init__(self, backend, offset, buffer_size, operation,
+                 reactor=None):
+        self._reactor = reactor
+        self.reader = None
         self._relay = _Relay()
         # Small NBD writes and a low high-water mark: the bytes of one
         # connection wait here, so this bounds the client's memory per
@@ -335,6 +339,11 @@ class _SinkConsumer:
 
     def registerProducer(self, producer, streaming):
         self._relay.producer = producer
+        if self._reactor is not None:
+            # The rest of a large body is read by a thread
+            # (L{_bodythread}); it comes back through the same producer.
+            self.reader = _bodythread.ResponseReader.takeOver(
+                producer, self._reactor)
 
     def unregisterProducer(self):
         self._relay.producer = None
@@ -422,7 +431,8 @@ async def _upload_piece(src, dst, start, length, buffer_size, operation):
 
 
 async def _download_piece(src, dst, start, length, buffer_size, operation):
-    consumer = _SinkConsumer(dst, start, buffer_size, operation)
+    consumer = _SinkConsumer(dst, start, buffer_size, operation,
+                             getattr(src, "_reactor", None))
     sink = consumer.sink
     try:
         await src.readTo(start, length, consumer, operation=None)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from imageio import blkhash
 from imageio.backends import nbd as nbd_backend
-from imageio.client import _qemu, _transfer
+from imageio.client import _bodythread, _qemu, _transfer
 from imageio.client._errors import (
     ClientError, ImageError, QemuError, ServerError, TransferError,
     translate)
@@ -386,11 +386,14 @@ class _Writer:
     the caller's C{writer.write}.
     """
 
-    def __init__(self, writer):
+    def __init__(self, writer, reactor=None):
         self._writer = writer
+        self._reactor = reactor
 
     def registerProducer(self, producer, streaming):
-        pass
+        if self._reactor is not None:
+            # A large body is read by a thread, as in downloads.
+            _bodythread.ResponseReader.takeOver(producer, self._reactor)
 
     def unregisterProducer(self):
         pass
@@ -505,7 +508,9 @@ class ImageioClient:
             self._check(offset, length, "Read")
         except RuntimeError:
             return defer.fail()
-        d = self._backend.readTo(offset, length, _Writer(writer))
+        d = self._backend.readTo(
+            offset, length,
+            _Writer(writer, getattr(self._backend, "_reactor", None)))
         return self._guard(d.addCallback(lambda _: None),
                            f"read of {length} bytes at {offset} from")
 

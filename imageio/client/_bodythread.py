@@ -1,0 +1,344 @@
+# -*- test-case-name: test.test_client_bodythread -*-
+"""
+Response bodies of the client's downloads read by a thread.
+
+Twisted reads a response body in the reactor thread: 64 KiB socket reads,
+and over TLS a decryption per 32 KiB, one by one, for every connection of
+the transfer, on the thread that also writes the local image over NBD.
+That kept the client on one core and behind the reference client (which
+moves each connection in a thread of its own). So once a C{GET} response
+of L{MIN_SIZE} bytes or more has its headers, a thread takes the
+connection over for the rest of the body, reads it into buffers with
+blocking calls (decrypting through the connection's own OpenSSL object,
+which releases the GIL), and hands each buffer to the reactor, which feeds
+it to Twisted's HTTP body decoder as if Twisted had read it: the response,
+the consumer's backpressure, the end of the body and the connection's
+return to the pool are Twisted's as before. Then the connection is given
+back to Twisted.
+
+The ownership rules are the daemon's (L{imageio.web.handoff}, the same
+helpers): the hand-off starts on a clean reactor stack (C{callLater(0)}),
+never from the response callback that runs inside the TLS layer; Twisted's
+reads stop at once and a L{handoff.Guard} replaces the Connection while
+the thread owns it; the transport's pause, resume, close and abort are
+shadowed (a pause holds the thread back, a close or abort stops it and
+aborts the connection once it is back); the connection comes back through
+C{callFromThread}, with ciphertext read past the body delivered through the
+TLS layer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.web import http
+
+from imageio.logs import Logger
+from imageio.units import MiB
+from imageio.web import handoff
+
+__all__ = ["ResponseReader", "MIN_SIZE", "BUFFER_SIZE", "running"]
+
+MIN_SIZE = 4 * MiB
+"""
+Bodies with less left to read stay on Twisted's path.
+"""
+
+BUFFER_SIZE = 2 * MiB
+"""
+Bytes per hand-over to the reactor.
+"""
+
+IDLE_TIMEOUT = 60.0
+"""
+Seconds without a byte from the server before the thread gives up.
+"""
+
+_CREDITS = 2
+"""
+Buffers read ahead of the reactor.
+"""
+
+_WAKE = 0.2
+"""
+Seconds a blocked read waits before the thread looks at its stop flag.
+"""
+
+_active = 0
+_activeLock = threading.Lock()
+
+
+def running() -> int:
+    """
+    @return: how many reader threads own (or are taking) a connection now.
+    """
+    return _active
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _unwrap(protocol):
+    # Twisted 26.10: endpoints._WrappingProtocol (HostnameEndpoint,
+    # UNIXClientEndpoint) keeps the protocol it wraps in _wrappedProtocol.
+    # Guarded by test_client_bodythread.test_privateTwisted.
+    while hasattr(protocol, "_wrappedProtocol"):
+        protocol = protocol._wrappedProtocol
+    return protocol
+
+
+class ResponseReader:
+    """
+    The reader of the rest of one response body, in a thread.
+
+    @cvar bodies: bodies taken over so far in this process (for tests).
+    """
+
+    _log = Logger()
+    bodies = 0
+
+    def __init__(self, reactor, tls, raw, conn, http11, parser, decoder):
+        self._reactor = reactor
+        self._tls = tls
+        self._raw = raw
+        self._conn = conn
+        self._http11 = http11
+        self._parser = parser
+        self._decoder = decoder
+        self._cond = threading.Condition()
+        self._paused = False
+        self._credits = _CREDITS
+        self._stopping = False
+        self._abortAfter = False
+        self._started = False
+        self._done = False
+        self._sock = None
+        self._pendingOutput = b""
+        self._remaining = 0
+        # Rule 1: no reads from here on; the thread takes over on a clean
+        # stack (this runs inside the response callback, inside the TLS
+        # layer's dataReceived).
+        raw.stopReading()
+        self._shadows = handoff.Shadows(
+            tls, raw, startReading=self._resume, stopReading=self._pause,
+            abort=self._abortFromOutside, lose=self._abortFromOutside)
+        self._scheduled = reactor.callLater(0, self._handOff)
+
+    @classmethod
+    def takeOver(cls, producer, reactor):
+        """
+        Decide to read the rest of a response body in a thread, from the
+        consumer's C{registerProducer}.
+
+        @param producer: the protocol receiving the body (its C{transport}
+            is the response's L{TransportProxyProducer}).
+        @return: a L{ResponseReader}, or C{None} when the body stays on
+            Twisted's path: chunked, less than L{MIN_SIZE} left, a
+            connection that cannot be taken, or a proxy already cut off.
+        """
+        global _active
+        # Twisted 26.10: TransportProxyProducer._producer is the HTTP
+        # connection's transport; HTTP11ClientProtocol._parser the
+        # response's parser, whose bodyDecoder (an _IdentityTransferDecoder
+        # for a Content-Length body) counts the bytes still expected in
+        # contentLength. Guarded by
+        # test_client_bodythread.test_privateTwisted.
+        proxy = getattr(producer, "transport", None)
+        tls = transport = getattr(proxy, "_producer", None)
+        if transport is None:
+            return None
+        conn = None
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            conn = handoff.tlsConnection(transport)
+            if conn is None:
+                return None
+            http11 = transport.wrappedProtocol
+            transport = transport.transport
+        else:
+            http11 = _unwrap(getattr(transport, "protocol", None))
+        parser = getattr(http11, "_parser", None)
+        decoder = getattr(parser, "bodyDecoder", None)
+        if type(decoder) is not http._IdentityTransferDecoder:
+            return None
+        remaining = decoder.contentLength
+        if (remaining is None or remaining < MIN_SIZE
+                or not hasattr(transport, "stopReading")
+                or not handoff.usable(transport)):
+            return None
+        with _activeLock:
+            _active += 1
+        try:
+            return cls(reactor, tls, transport, conn, http11, parser,
+                       decoder)
+        except BaseException:
+            with _activeLock:
+                _active -= 1
+            raise
+
+    # In the reactor: the hand-off.
+
+    def _handOff(self) -> None:
+        self._scheduled = None
+        decoder = self._decoder
+        if (self._done or self._stopping
+                or getattr(self._http11, "_parser", None) is not self._parser
+                or self._parser.bodyDecoder is not decoder
+                or not decoder.contentLength
+                or not handoff.usable(self._raw)
+                or (self._conn is not None and
+                    handoff.tlsConnection(self._tls) is not self._conn)):
+            # The body ended (or the connection went) meanwhile.
+            if not self._done:
+                self._handBack()
+            return
+        self._remaining = decoder.contentLength
+        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
+                                                 self._conn)
+        self._sock = handoff.ThreadSocket(self._raw.fileno())
+        self._started = True
+        ResponseReader.bodies += 1
+        self._thread = threading.Thread(target=self._run,
+                                        name="imageio-client-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    # The thread.
+
+    def _run(self) -> None:
+        error = None
+        sock = self._sock.sock
+        try:
+            handoff.setBlocking(sock, _WAKE)
+            if self._pendingOutput:
+                sock.sendall(self._pendingOutput)
+                self._pendingOutput = b""
+            receiver = handoff.Receiver(self._sock, self._conn, self._idle,
+                                        "the server")
+            remaining = self._remaining
+            while remaining:
+                with self._cond:
+                    while (self._paused or not self._credits) and \
+                            not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        raise _Stopped()
+                    self._credits -= 1
+                n = min(BUFFER_SIZE, remaining)
+                buf = bytearray(n)
+                receiver.fill(buf)
+                remaining -= n
+                if not remaining:
+                    # Twisted may read again as soon as the last buffer
+                    # is delivered.
+                    handoff.setNonBlocking(sock)
+                self._reactor.callFromThread(self._deliver, buf,
+                                             remaining == 0)
+        except _Stopped:
+            pass
+        except Exception as e:
+            # Without the frames, whose views of the buffer would keep it.
+            error = e.with_traceback(None)
+        finally:
+            handoff.setNonBlocking(sock)
+            self._sock.close()
+        if error is not None or self._stopping:
+            self._reactor.callFromThread(self._threadStopped, error)
+
+    def _idle(self, lastData: float) -> None:
+        if self._stopping:
+            raise _Stopped()
+        if time.monotonic() - lastData > IDLE_TIMEOUT:
+            raise OSError(f"No data from the server for {IDLE_TIMEOUT:g} "
+                          f"seconds")
+
+    # Back in the reactor.
+
+    def _deliver(self, buf, last: bool) -> None:
+        if self._done:
+            return
+        if self._stopping:
+            # Dropped: the response is being given up.
+            if last:
+                self._threadStopped(None)
+            return
+        if last:
+            # The connection goes back before the body ends: ending it
+            # returns the connection to the pool, which may use it at once.
+            self._handBack()
+        try:
+            self._decoder.dataReceived(buf)
+        except BaseException:
+            # What HTTP11ClientProtocol.dataReceived does with a parser
+            # error: the connection is of no use any more.
+            self._log.failure("Response body delivery failed", Failure())
+            self._tls.abortConnection()
+            return
+        if not last:
+            with self._cond:
+                self._credits += 1
+                self._cond.notify()
+
+    def _threadStopped(self, error) -> None:
+        if self._done:
+            return
+        self._handBack()
+        if error is not None:
+            self._log.info("Download from {peer} stopped: {error}",
+                           peer=str(self._raw.getPeer()), error=error)
+            # The response fails with the connection's loss.
+            if not self._abortAfter:
+                self._tls.abortConnection()
+
+    def _handBack(self) -> None:
+        global _active
+        with _activeLock:
+            _active -= 1
+        self._done = True
+        if self._started:
+            handoff.restoreConnection(self._tls, self._conn)
+        self._shadows.restore()
+        if self._abortAfter:
+            # Somebody closed the connection while the thread owned it.
+            self._tls.abortConnection()
+            return
+        if not self._paused:
+            self._raw.startReading()
+        if self._conn is not None and self._started:
+            # Ciphertext read past the body waits in OpenSSL: deliver it
+            # on a clean stack.
+            self._reactor.callLater(0, handoff.flushReceived, self._tls,
+                                    self._conn)
+
+    def _stopThread(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if not self._started:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            if not self._done:
+                self._handBack()
+            return
+        # Wake the thread from a blocked read at once (rule 4).
+        self._sock.shutdown()
+
+    # Shadows of the transport's methods while the thread owns it.
+
+    def _pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def _resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify()
+
+    def _abortFromOutside(self) -> None:
+        # The body is not complete: a graceful close would wait for it.
+        self._abortAfter = True
+        self._stopThread()
