@@ -13,15 +13,16 @@ import signal
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor, task, threads
 from twisted.web import _newclient
 
 from imageio.client import _bodythread, aio
-from imageio.client._errors import ClientError
+from imageio.client._errors import ClientError, ServerError
 from imageio.units import MiB
 from imageio.web.handoff import Guard
 
-from test.test_client import start_our_daemon
+from test.support import controlRequest
+from test.test_client import qemu_img, start_our_daemon
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-nbd") is None,
@@ -68,6 +69,13 @@ def test_privateTwisted():
     assert _newclient.HTTPClientParser.bodyDecoder is None
     wrapping = endpoints._WrappingProtocol(defer.Deferred(), marker)
     assert wrapping._wrappedProtocol is marker
+
+    class Producer:
+        length = 10
+
+    consumer = _newclient.LengthEnforcingConsumer(Producer(), marker,
+                                                  defer.Deferred())
+    assert consumer._consumer is marker
 
 
 @pytest.mark.parametrize("transport", ["tls", "unix"])
@@ -194,3 +202,95 @@ async def test_server_dies_mid_body(tmp_path):
         assert _bodythread.running() == 0
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest_twisted.ensureDeferred
+async def test_upload_threaded(tls_daemon, unix_daemon, tmp_path, transport,
+                               fmt):
+    daemon = tls_daemon if transport == "tls" else unix_daemon
+    size = 40 * MiB
+    raw = str(tmp_path / "src.raw")
+    _dense(raw, size)
+    src = raw
+    if fmt == "qcow2":
+        src = str(tmp_path / "src.qcow2")
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, src)
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    url = daemon.url(daemon.add_ticket("file://" + dst, size,
+                                       ops=["write"]))
+    bodies, trips = _bodythread.RequestWriter.bodies, Guard.trips
+    await aio.upload(src, url, daemon.pki.ca, max_workers=3,
+                     reactor=reactor)
+    await _settle()
+    assert _bodythread.RequestWriter.bodies - bodies >= 1
+    assert Guard.trips == trips
+    assert _bodythread.running() == 0
+    assert filecmp.cmp(raw, dst, shallow=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_early_answer(tls_daemon, tmp_path):
+    # The server refuses the body after its headers (416: past the
+    # ticket's range) while a thread sends it: the server's answer is
+    # what the caller gets, and the thread lets go.
+    size = 64 * MiB
+    src = str(tmp_path / "src.raw")
+    _dense(src, size)
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    url = tls_daemon.url(tls_daemon.add_ticket("file://" + dst, 4 * MiB,
+                                               ops=["write"]))
+    trips = Guard.trips
+    bodies = _bodythread.RequestWriter.bodies
+    early = _bodythread.RequestWriter.early
+    with pytest.raises(ServerError) as e:
+        await aio.upload(src, url, tls_daemon.pki.ca, max_workers=1,
+                         reactor=reactor)
+    assert e.value.code == 416
+    assert "out of allowed range" in str(e.value)
+    await _settle()
+    assert _bodythread.RequestWriter.bodies > bodies
+    # The thread saw the answer and stopped sending.
+    assert _bodythread.RequestWriter.early > early
+    assert _bodythread.running() == 0
+    assert Guard.trips == trips
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_ticket_removed_mid_body(tls_daemon, tmp_path):
+    # The ticket goes while threads send: one line naming the upload, no
+    # thread left, the daemon still serves.
+    size = 512 * MiB
+    src = str(tmp_path / "src.raw")
+    _dense(src, size)
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    ticket = tls_daemon.add_ticket("file://" + dst, size, ops=["write"])
+    url = tls_daemon.url(ticket)
+    trips = Guard.trips
+    seen = []
+    removing = []
+
+    def progress(n):
+        seen.append(n)
+        if sum(seen) >= 16 * MiB and not removing:
+            removing.append(threads.deferToThread(
+                controlRequest, tls_daemon.control, "DELETE",
+                f"/tickets/{ticket}"))
+
+    with pytest.raises(ClientError) as e:
+        await aio.upload(src, url, tls_daemon.pki.ca, progress=progress,
+                         reactor=reactor)
+    assert "upload of" in str(e.value)
+    assert "\n" not in str(e.value)
+    await removing[0]
+    await _settle()
+    assert sum(seen) < size
+    assert _bodythread.running() == 0
+    assert Guard.trips == trips

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -40,7 +41,8 @@ from imageio.logs import Logger
 from imageio.units import MiB
 from imageio.web import handoff
 
-__all__ = ["ResponseReader", "MIN_SIZE", "BUFFER_SIZE", "running"]
+__all__ = ["ResponseReader", "RequestWriter", "MIN_SIZE", "BUFFER_SIZE",
+           "running"]
 
 MIN_SIZE = 4 * MiB
 """
@@ -342,3 +344,290 @@ class ResponseReader:
         # The body is not complete: a graceful close would wait for it.
         self._abortAfter = True
         self._stopThread()
+
+
+HIGH_WATER = 8 * MiB
+"""
+Bytes of a request body queued for the writer thread at which the body's
+producer is paused; it is resumed below L{LOW_WATER}.
+"""
+
+LOW_WATER = 4 * MiB
+
+_END = object()
+
+
+class _IdleTimeout(OSError):
+    pass
+
+
+class _PeerSpoke(Exception):
+    """
+    The server answered (or closed) while the body was being sent.
+    """
+
+
+class RequestWriter:
+    """
+    The writer of the rest of one request body, in a thread: the body's
+    writes to the connection's transport are queued for the thread, which
+    sends them (encrypting them through the connection's own OpenSSL
+    object over TLS), and hands the connection back once the body is out.
+
+    Should the server answer before the body is out (an error: the body
+    is refused), the thread stops and Twisted reads the answer; what the
+    thread had not sent goes through Twisted as usual.
+
+    @cvar bodies: bodies taken over so far in this process (for tests).
+    @cvar early: bodies whose thread stopped because the server answered.
+    """
+
+    _log = Logger()
+    bodies = 0
+    early = 0
+
+    def __init__(self, reactor, stream, tls, raw, conn):
+        self._reactor = reactor
+        self._stream = stream
+        self._tls = tls
+        self._raw = raw
+        self._conn = conn
+        self._cond = threading.Condition()
+        self._queue: deque = deque()
+        self._queued = 0
+        self._producerPaused = False
+        self._resumeScheduled = False
+        self._stopping = False
+        self._abortAfter = False
+        self._broken = False
+        self._started = False
+        self._done = False
+        self._sock = None
+        self._pendingOutput = b""
+        # Rule 1: no reads from here on (the answer comes after the body);
+        # the thread takes over on a clean stack.
+        raw.stopReading()
+        self._shadows = handoff.Shadows(
+            tls, raw, startReading=_ignore, stopReading=_ignore,
+            abort=self._abortFromOutside, lose=self._abortFromOutside,
+            write=self._write)
+        self._scheduled = reactor.callLater(0, self._handOff)
+
+    @classmethod
+    def takeOver(cls, stream, consumer, reactor):
+        """
+        Decide to send the rest of a request body from a thread, when
+        Twisted starts the body (C{stream.startProducing(consumer)}).
+
+        @param stream: the body producer (C{length}, C{written}: bytes
+            handed to C{consumer} so far, C{pauseProducing},
+            C{resumeProducing}).
+        @param consumer: what Twisted gave the body producer.
+        @return: a L{RequestWriter}, or C{None} when the body stays on
+            Twisted's path.
+        """
+        global _active
+        # Twisted 26.10: the body producer of a request with a length
+        # writes to a LengthEnforcingConsumer whose _consumer is the
+        # connection's transport. Guarded by
+        # test_client_bodythread.test_privateTwisted.
+        tls = transport = getattr(consumer, "_consumer", None)
+        if transport is None or stream.length - stream.written < MIN_SIZE:
+            return None
+        conn = None
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            conn = handoff.tlsConnection(transport)
+            if conn is None:
+                return None
+            transport = transport.transport
+        if (not hasattr(transport, "stopReading")
+                or not handoff.usable(transport)):
+            return None
+        with _activeLock:
+            _active += 1
+        try:
+            return cls(reactor, stream, tls, transport, conn)
+        except BaseException:
+            with _activeLock:
+                _active -= 1
+            raise
+
+    # In the reactor.
+
+    def _write(self, data) -> None:
+        # The transport's write while we own it: queued for the thread.
+        n = len(data)
+        with self._cond:
+            self._queue.append(data)
+            self._queued += n
+            if self._stream.written >= self._stream.length:
+                self._queue.append(_END)
+            self._cond.notify()
+            pause = self._queued >= HIGH_WATER and not self._producerPaused
+            if pause:
+                self._producerPaused = True
+        if pause:
+            # May run inside the stream's own write: it expects that.
+            self._stream.pauseProducing()
+
+    def _handOff(self) -> None:
+        self._scheduled = None
+        if (self._done or self._stopping
+                or not handoff.usable(self._raw)
+                or (self._conn is not None and
+                    handoff.tlsConnection(self._tls) is not self._conn)):
+            if not self._done:
+                self._handBack()
+            return
+        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
+                                                 self._conn)
+        self._sock = handoff.ThreadSocket(self._raw.fileno())
+        self._started = True
+        RequestWriter.bodies += 1
+        # Twisted's transport may have paused the body before it lost the
+        # socket; it will not resume it now.
+        with self._cond:
+            resume = not self._producerPaused
+        if resume:
+            self._stream.resumeProducing()
+        self._thread = threading.Thread(target=self._run,
+                                        name="imageio-client-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _resume(self) -> None:
+        self._resumeScheduled = False
+        if self._done or self._stopping:
+            return
+        with self._cond:
+            resume = self._producerPaused and self._queued < LOW_WATER
+            if resume:
+                self._producerPaused = False
+        if resume:
+            self._stream.resumeProducing()
+
+    def _threadDone(self, error) -> None:
+        if self._done:
+            return
+        if error is not None:
+            self._log.info("Upload to {peer} stopped: {error}",
+                           peer=str(self._raw.getPeer()), error=error)
+            self._abortAfter = True
+        self._handBack()
+
+    def _handBack(self) -> None:
+        global _active
+        with _activeLock:
+            _active -= 1
+        self._done = True
+        if self._started:
+            handoff.restoreConnection(self._tls, self._conn)
+        self._shadows.restore()
+        with self._cond:
+            left = [item for item in self._queue if item is not _END]
+            self._queue.clear()
+            self._queued = 0
+            paused, self._producerPaused = self._producerPaused, False
+        if self._abortAfter:
+            self._tls.abortConnection()
+            return
+        if not self._broken:
+            # What the thread did not send goes through Twisted.
+            for data in left:
+                self._tls.write(data)
+        self._raw.startReading()
+        if self._conn is not None and self._started:
+            self._reactor.callLater(0, handoff.flushReceived, self._tls,
+                                    self._conn)
+        if paused:
+            self._stream.resumeProducing()
+
+    def _abortFromOutside(self) -> None:
+        self._abortAfter = True
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if not self._started:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            if not self._done:
+                self._handBack()
+            return
+        self._sock.shutdown()
+
+    # The thread.
+
+    def _idle(self, last: float) -> None:
+        if self._stopping:
+            raise _Stopped()
+        if time.monotonic() - last > IDLE_TIMEOUT:
+            raise _IdleTimeout(f"The server read nothing for "
+                               f"{IDLE_TIMEOUT:g} seconds")
+
+    def _blocked(self, last: float) -> None:
+        # A send waits: the server may have answered and stopped reading.
+        self._idle(last)
+        if self._sender.peerSpoke():
+            self._broken = True
+            raise _PeerSpoke()
+
+    def _run(self) -> None:
+        error = None
+        sock = self._sock.sock
+        sender = self._sender = handoff.Sender(self._sock, self._conn,
+                                               self._blocked)
+        try:
+            handoff.setBlocking(sock, _WAKE)
+            sender.start()
+            sender.sendRaw(self._pendingOutput)
+            self._pendingOutput = b""
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait(_WAKE)
+                        if not self._queue and sender.peerSpoke():
+                            raise _PeerSpoke()
+                    if self._stopping:
+                        raise _Stopped()
+                    item = self._queue[0]
+                if item is _END:
+                    break
+                if sender.peerSpoke():
+                    raise _PeerSpoke()
+                sender.send(item)
+                n = len(item)
+                with self._cond:
+                    self._queue.popleft()
+                    self._queued -= n
+                    resume = (self._producerPaused
+                              and self._queued < LOW_WATER
+                              and not self._resumeScheduled)
+                    if resume:
+                        self._resumeScheduled = True
+                if resume:
+                    self._reactor.callFromThread(self._resume)
+        except _PeerSpoke:
+            RequestWriter.early += 1
+        except _Stopped:
+            pass
+        except _IdleTimeout as e:
+            error = e.with_traceback(None)
+        except OSError:
+            if self._stopping:
+                pass
+            else:
+                # Reset or closed: the server may have answered first;
+                # Twisted reads what it said.
+                self._broken = True
+        except Exception as e:
+            error = e.with_traceback(None)
+        finally:
+            sender.stop()
+            handoff.setNonBlocking(sock)
+            self._sock.close()
+        self._reactor.callFromThread(self._threadDone, error)
+
+
+def _ignore() -> None:
+    pass
