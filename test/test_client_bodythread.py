@@ -294,3 +294,42 @@ async def test_upload_ticket_removed_mid_body(tls_daemon, tmp_path):
     assert sum(seen) < size
     assert _bodythread.running() == 0
     assert Guard.trips == trips
+
+
+def test_pool_reuses_idle_threads():
+    # Sequential bodies share one thread; a body that comes while every
+    # thread is busy gets a new one; idle threads exit.
+    import threading
+    import time
+    pool = _bodythread._Pool(idle=0.5)
+    ran = []
+    gate = threading.Event()
+    done = threading.Semaphore(0)
+
+    def job(name, wait=False):
+        def run():
+            ran.append((name, threading.get_ident()))
+            if wait:
+                gate.wait(10)
+            done.release()
+        return run
+
+    pool.run(job("a"))
+    assert done.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    while pool._idle != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.run(job("b", wait=True))
+    # "a"'s thread is idle again: "b" runs on it; "c" needs a second one.
+    pool.run(job("c"))
+    assert done.acquire(timeout=10)
+    gate.set()
+    assert done.acquire(timeout=10)
+    by = dict(ran)
+    assert by["a"] == by["b"]
+    assert by["c"] != by["b"]
+    assert pool.threads == 2
+    deadline = time.monotonic() + 10
+    while pool.threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.threads == 0

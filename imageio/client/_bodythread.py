@@ -69,8 +69,66 @@ _WAKE = 0.2
 Seconds a blocked read waits before the thread looks at its stop flag.
 """
 
+_POOL_IDLE = 10.0
+"""
+Seconds an idle body thread waits for the next body before it exits.
+"""
+
 _active = 0
 _activeLock = threading.Lock()
+
+
+class _Pool:
+    """
+    Daemon threads running the bodies, reused from one body to the next.
+
+    A new thread per body cost more than the body on images with many
+    small extents: C{Thread.start} waits until the new thread runs, and
+    on a busy machine that held the reactor thread for milliseconds each
+    time (1.7 s of a 2.9 s download of a 1 GiB image with 64 extents of
+    8 MiB). A body is queued here instead; an idle thread takes it, and a
+    thread is started only when none is idle.
+    """
+
+    def __init__(self, idle: float = _POOL_IDLE):
+        self._cond = threading.Condition()
+        self._jobs: deque = deque()
+        self._idle = 0
+        self._idleTimeout = idle
+        self.threads = 0
+
+    def run(self, job) -> None:
+        """
+        Run C{job()} in a thread of the pool (from the reactor).
+        """
+        with self._cond:
+            self._jobs.append(job)
+            if self._idle >= len(self._jobs):
+                self._cond.notify()
+                return
+            self.threads += 1
+        threading.Thread(target=self._work, name="imageio-client-body",
+                         daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                deadline = time.monotonic() + self._idleTimeout
+                while not self._jobs:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._idle -= 1
+                        self.threads -= 1
+                        return
+                    self._cond.wait(left)
+                self._idle -= 1
+                job = self._jobs.popleft()
+            # Each job reports its own errors through callFromThread.
+            job()
+
+
+_pool = _Pool()
 
 
 def running() -> int:
@@ -203,10 +261,7 @@ class ResponseReader:
         self._sock = handoff.ThreadSocket(self._raw.fileno())
         self._started = True
         ResponseReader.bodies += 1
-        self._thread = threading.Thread(target=self._run,
-                                        name="imageio-client-reader",
-                                        daemon=True)
-        self._thread.start()
+        _pool.run(self._run)
 
     # The thread.
 
@@ -490,10 +545,7 @@ class RequestWriter:
             resume = not self._producerPaused
         if resume:
             self._stream.resumeProducing()
-        self._thread = threading.Thread(target=self._run,
-                                        name="imageio-client-writer",
-                                        daemon=True)
-        self._thread.start()
+        _pool.run(self._run)
 
     def _resume(self) -> None:
         self._resumeScheduled = False
