@@ -82,6 +82,14 @@ def _guard(d: defer.Deferred, what: str, **kw) -> defer.Deferred:
 
 _tuned = False
 
+_MMAP_THRESHOLD = 16 * MiB
+"""
+Allocations served by glibc's heaps rather than fresh mmaps: every chunk
+of a transfer with the default C{BUFFER_SIZE} (4 MiB, plus the object's
+header: above the daemon's 4 MiB threshold). Measured: an upload's
+system time fell from 0.25 to 0.09 s per 256 MiB.
+"""
+
 
 def _tune_malloc() -> None:
     """
@@ -94,7 +102,7 @@ def _tune_malloc() -> None:
     global _tuned
     if not _tuned:
         _tuned = True
-        malloc.tune()
+        malloc.tune(mmapThreshold=_MMAP_THRESHOLD)
 
 
 def _trimmed(d: defer.Deferred) -> defer.Deferred:
