@@ -242,6 +242,8 @@ class Bench:
             self.scenarios.append(self._checksumScenario(backend))
         for op in ("download", "upload"):
             self.scenarios.append(self._proxyScenario(op))
+        import client_bench  # the client matrix (--only client-matrix)
+        self.scenarios += client_bench.scenarios(self, Scenario, Result)
         only = [w for w in (self.args.only or "").split(",") if w]
         if only:
             self.scenarios = [s for s in self.scenarios

@@ -32,6 +32,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from imageio.client import _bodythread
 from imageio.client._errors import (
     ServerError, TransferError, _backend_text)
 from imageio.logs import Logger
@@ -320,7 +321,10 @@ class _SinkConsumer:
     the HTTP transport while NBD writes are pending.
     """
 
-    def __init__(self, backend, offset, buffer_size, operation):
+    def __init__(self, backend, offset, buffer_size, operation,
+                 reactor=None):
+        self._reactor = reactor
+        self.reader = None
         self._relay = _Relay()
         # Small NBD writes and a low high-water mark: the bytes of one
         # connection wait here, so this bounds the client's memory per
@@ -335,6 +339,11 @@ class _SinkConsumer:
 
     def registerProducer(self, producer, streaming):
         self._relay.producer = producer
+        if self._reactor is not None:
+            # The rest of a large body is read by a thread
+            # (L{_bodythread}); it comes back through the same producer.
+            self.reader = _bodythread.ResponseReader.takeOver(
+                producer, self._reactor)
 
     def unregisterProducer(self):
         self._relay.producer = None
@@ -381,8 +390,34 @@ def plan(extents, *, dirty=False, zero=True, hole=True):
                 yield op, start, n
 
 
+def _sendFromThread(stream, reactor) -> None:
+    """
+    Have the rest of C{stream}'s body sent by a thread
+    (L{_bodythread.RequestWriter}) once Twisted starts it.
+    """
+    start = stream.startProducing
+
+    def startProducing(consumer):
+        d = start(consumer)
+        _bodythread.RequestWriter.takeOver(stream, consumer, reactor)
+        return d
+
+    stream.startProducing = startProducing
+
+
 async def _upload_piece(src, dst, start, length, buffer_size, operation):
-    stream, done = dst.writeFrom(start, length, operation=operation)
+    reactor = getattr(dst, "_reactor", None)
+    if reactor is None:
+        stream, done = dst.writeFrom(start, length, operation=operation)
+    else:
+        # The request may start at once (a pooled connection): the thread
+        # hook goes in before the stream is attached to the backend.
+        attached: defer.Deferred = defer.Deferred()
+        stream = http_backend.uploadStream(attached, start, length,
+                                           operation=operation)
+        _sendFromThread(stream, reactor)
+        attached.callback(dst)
+        done = stream.whenDone()
     # Two reads in flight per connection (the NBD default is 4): with up
     # to 8 connections that still keeps 16 reads going, and bounds the
     # client's memory (bench/client_rss.py).
@@ -422,7 +457,8 @@ async def _upload_piece(src, dst, start, length, buffer_size, operation):
 
 
 async def _download_piece(src, dst, start, length, buffer_size, operation):
-    consumer = _SinkConsumer(dst, start, buffer_size, operation)
+    consumer = _SinkConsumer(dst, start, buffer_size, operation,
+                             getattr(src, "_reactor", None))
     sink = consumer.sink
     try:
         await src.readTo(start, length, consumer, operation=None)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from imageio import blkhash
+from imageio import blkhash, malloc
 from imageio.backends import nbd as nbd_backend
-from imageio.client import _qemu, _transfer
+from imageio.client import _bodythread, _qemu, _transfer
 from imageio.client._errors import (
     ClientError, ImageError, QemuError, ServerError, TransferError,
     translate)
@@ -78,6 +78,38 @@ def _guard(d: defer.Deferred, what: str, **kw) -> defer.Deferred:
         exc = translate(f.value, what, **kw)
         return f if exc is f.value else Failure(exc)
     return d.addErrback(failed)
+
+
+_tuned = False
+
+_MMAP_THRESHOLD = 16 * MiB
+"""
+Allocations served by glibc's heaps rather than fresh mmaps: every chunk
+of a transfer with the default C{BUFFER_SIZE} (4 MiB, plus the object's
+header: above the daemon's 4 MiB threshold). Measured: an upload's
+system time fell from 0.25 to 0.09 s per 256 MiB.
+"""
+
+
+def _tune_malloc() -> None:
+    """
+    Tune glibc malloc for transfer buffers once per process, as the
+    daemon does (L{malloc.tune}): by default every 1-4 MiB buffer of a
+    transfer is a fresh mmap, faulted in page by page and unmapped when
+    freed (about 0.4 s of system time per GiB downloaded). What the heaps
+    keep is given back after each transfer (L{malloc.trim}).
+    """
+    global _tuned
+    if not _tuned:
+        _tuned = True
+        malloc.tune(mmapThreshold=_MMAP_THRESHOLD)
+
+
+def _trimmed(d: defer.Deferred) -> defer.Deferred:
+    def trim(result):
+        malloc.trim()
+        return result
+    return d.addBoth(trim)
 
 
 def _reactor(reactor):
@@ -194,10 +226,11 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
         skipped instead of zeroed.
     """
     reactor = _reactor(reactor)
-    return _guard(defer.ensureDeferred(_upload(
+    _tune_malloc()
+    return _guard(_trimmed(defer.ensureDeferred(_upload(
         reactor, filename, url, cafile, buffer_size, secure, progress,
         proxy_url, max_workers, member, backing_chain, disk_is_zero,
-        http_client)), f"upload of {filename!r} to {url}", local=filename)
+        http_client))), f"upload of {filename!r} to {url}", local=filename)
 
 
 async def _download(reactor, url, filename, cafile, fmt, incremental,
@@ -263,10 +296,11 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
     server's C{max_readers} (C{None}: as many as it offers).
     """
     reactor = _reactor(reactor)
-    return _guard(defer.ensureDeferred(_download(
+    _tune_malloc()
+    return _guard(_trimmed(defer.ensureDeferred(_download(
         reactor, url, filename, cafile, fmt, incremental, buffer_size,
         secure, progress, proxy_url, max_workers, backing_file,
-        backing_format, http_client)), f"download of {url} to {filename!r}",
+        backing_format, http_client))), f"download of {url} to {filename!r}",
         local=filename, writing_local=True)
 
 
@@ -386,11 +420,14 @@ class _Writer:
     the caller's C{writer.write}.
     """
 
-    def __init__(self, writer):
+    def __init__(self, writer, reactor=None):
         self._writer = writer
+        self._reactor = reactor
 
     def registerProducer(self, producer, streaming):
-        pass
+        if self._reactor is not None:
+            # A large body is read by a thread, as in downloads.
+            _bodythread.ResponseReader.takeOver(producer, self._reactor)
 
     def unregisterProducer(self):
         pass
@@ -505,7 +542,9 @@ class ImageioClient:
             self._check(offset, length, "Read")
         except RuntimeError:
             return defer.fail()
-        d = self._backend.readTo(offset, length, _Writer(writer))
+        d = self._backend.readTo(
+            offset, length,
+            _Writer(writer, getattr(self._backend, "_reactor", None)))
         return self._guard(d.addCallback(lambda _: None),
                            f"read of {length} bytes at {offset} from")
 

@@ -54,7 +54,6 @@ from imageio.logs import Logger
 from imageio.transfer import fireWaiters, whenResult
 from imageio.units import MiB
 from imageio.web import handoff
-from imageio.web.handoff import ffi, lib
 
 __all__ = ["SocketReader", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE",
            "running"]
@@ -91,11 +90,6 @@ Buffers read ahead of the reactor.
 _WAKE = 0.2
 """
 Seconds a blocked read waits before the thread looks at its stop flag.
-"""
-
-_CIPHER_SIZE = 256 * 1024
-"""
-Most ciphertext bytes one C{recv} takes from a TLS socket.
 """
 
 _active = 0
@@ -315,7 +309,8 @@ class SocketReader:
             if self._pendingOutput:
                 sock.sendall(self._pendingOutput)
                 self._pendingOutput = b""
-            fill = self._fill if self._conn is None else self._fillTLS
+            fill = handoff.Receiver(self._sock, self._conn, self._idle,
+                                    "the client").fill
             if self._target is not None:
                 disk = _DiskWriter(self, self._target)
             remaining = self._remaining
@@ -400,74 +395,6 @@ class SocketReader:
         if self._timeout and time.monotonic() - lastData > self._timeout:
             raise OSError(f"No data from the client for "
                           f"{self._timeout} seconds")
-
-    def _fill(self, buf) -> None:
-        view = memoryview(buf)
-        filled = 0
-        lastData = time.monotonic()
-        while filled < len(view):
-            self._idle(lastData)
-            try:
-                n = self._sock.sock.recv_into(view[filled:],
-                                              len(view) - filled,
-                                              socket.MSG_WAITALL)
-            except (BlockingIOError, TimeoutError):
-                continue
-            if n == 0:
-                raise OSError("The client closed the connection in the "
-                              "middle of the body")
-            filled += n
-            lastData = time.monotonic()
-
-    def _fillTLS(self, buf) -> None:
-        # SSL_read decrypts straight into the buffer; when OpenSSL wants
-        # more ciphertext, a blocking recv feeds its read BIO. Ciphertext
-        # read past the body stays in OpenSSL for the TLS layer
-        # (handoff.flushReceived at the hand-back).
-        if self._cipher is None:
-            self._cipher = bytearray(_CIPHER_SIZE)
-            self._cipherPtr = ffi.from_buffer(self._cipher)
-        # Released at the end: the buffer may be a view that its owner
-        # releases next.
-        with ffi.from_buffer(buf, require_writable=True) as target:
-            self._decrypt(target, len(buf))
-
-    def _decrypt(self, target, size: int) -> None:
-        conn = self._conn
-        ssl = conn._ssl
-        filled = 0
-        lastData = time.monotonic()
-        while filled < size:
-            n = lib.SSL_read(ssl, target + filled, size - filled)
-            if n > 0:
-                filled += n
-                continue
-            error = lib.SSL_get_error(ssl, n)
-            if error == lib.SSL_ERROR_ZERO_RETURN:
-                raise OSError("The client closed the connection in the "
-                              "middle of the body")
-            if error != lib.SSL_ERROR_WANT_READ:
-                # pyOpenSSL 26.4: raises the matching SSL.Error.
-                # Guarded by test_bodywriter.test_privateOpenSSL.
-                conn._raise_ssl_error(ssl, n)
-                raise OSError(f"TLS error {error}")
-            while True:
-                self._idle(lastData)
-                try:
-                    got = self._sock.sock.recv_into(self._cipher)
-                except (BlockingIOError, TimeoutError):
-                    continue
-                break
-            if got == 0:
-                raise OSError("The client closed the connection in the "
-                              "middle of the body")
-            lastData = time.monotonic()
-            # pyOpenSSL 26.4: Connection._into_ssl is the read BIO.
-            if lib.BIO_write(conn._into_ssl, self._cipherPtr, got) != got:
-                raise OSError("TLS read buffer refused the data")
-
-    _cipher = None
-    _cipherPtr = None
 
     # Back in the reactor.
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
+import time
 
 from OpenSSL import SSL
 
@@ -55,7 +57,8 @@ except ImportError:  # pragma: no cover - a future pyOpenSSL
 
 __all__ = ["Guard", "GuardTripped", "Shadows", "ThreadSocket", "tlsConnection",
            "usable", "takeOutput", "restoreConnection", "flushReceived",
-           "pending", "clearPending", "ffi", "lib"]
+           "pending", "clearPending", "Receiver", "Sender", "setBlocking",
+           "setNonBlocking", "ffi", "lib"]
 
 _DRAIN_SIZE = 1024 * 1024
 
@@ -147,10 +150,16 @@ class Shadows:
               "writeSequence")
 
     def __init__(self, tls, raw, *, startReading, stopReading, abort,
-                 lose):
+                 lose, write=None):
+        """
+        @param write: takes the writes instead of keeping them for
+            L{restore} (a thread that sends them); optional.
+        """
         self._tls = tls
         self._raw = raw
         self._later: list[bytes] = []
+        if write is not None:
+            self._write = write
         for target in {id(tls): tls, id(raw): raw}.values():
             target.abortConnection = abort
             target.loseConnection = lose
@@ -276,6 +285,247 @@ def takeOutput(tls, raw, conn) -> bytes:
         out += drainBIO(conn)
         tls._tlsConnection = Guard(str(raw.getPeer()))
     return out
+
+
+class Receiver:
+    """
+    Fills buffers from a connection a thread owns (blocking reads): a
+    plain socket with C{recv(MSG_WAITALL)}, one system call per buffer;
+    over TLS with C{SSL_read} straight into the buffer, a blocking C{recv}
+    feeding the read BIO when OpenSSL wants more ciphertext. Ciphertext
+    read past the buffer stays in OpenSSL for the TLS layer (L{flushReceived}
+    after the hand-back).
+
+    @ivar sock: the L{ThreadSocket} (blocking, with a short C{SO_RCVTIMEO}
+        so the thread wakes to look at its stop flag).
+    @ivar conn: the pyOpenSSL Connection, or C{None} on a plain socket.
+    """
+
+    CIPHER_SIZE = 256 * 1024
+
+    def __init__(self, sock: ThreadSocket, conn, idle, peer: str):
+        """
+        @param idle: C{idle(lastData)}, called while a read waits; raises
+            to stop the thread (a stop request, an idle timeout).
+        @param peer: who is at the other end, for errors ("the client").
+        """
+        self.sock = sock
+        self.conn = conn
+        self._idle = idle
+        self._peer = peer
+        self._cipher = None
+        self._cipherPtr = None
+
+    def _closed(self) -> OSError:
+        return OSError(f"{self._peer.capitalize()} closed the connection "
+                       f"in the middle of the body")
+
+    def fill(self, buf) -> None:
+        """
+        Fill C{buf} (a writable buffer) completely, or raise.
+        """
+        if self.conn is None:
+            self._fillPlain(buf)
+            return
+        if self._cipher is None:
+            self._cipher = bytearray(self.CIPHER_SIZE)
+            self._cipherPtr = ffi.from_buffer(self._cipher)
+        # Released at the end: the buffer may be a view that its owner
+        # releases next.
+        with ffi.from_buffer(buf, require_writable=True) as target:
+            self._decrypt(target, len(buf))
+
+    def _fillPlain(self, buf) -> None:
+        view = memoryview(buf)
+        filled = 0
+        lastData = time.monotonic()
+        sock = self.sock.sock
+        while filled < len(view):
+            self._idle(lastData)
+            try:
+                n = sock.recv_into(view[filled:], len(view) - filled,
+                                   socket.MSG_WAITALL)
+            except (BlockingIOError, TimeoutError):
+                continue
+            if n == 0:
+                raise self._closed()
+            filled += n
+            lastData = time.monotonic()
+
+    def _decrypt(self, target, size: int) -> None:
+        conn = self.conn
+        ssl = conn._ssl
+        filled = 0
+        lastData = time.monotonic()
+        while filled < size:
+            n = lib.SSL_read(ssl, target + filled, size - filled)
+            if n > 0:
+                filled += n
+                continue
+            error = lib.SSL_get_error(ssl, n)
+            if error == lib.SSL_ERROR_ZERO_RETURN:
+                raise self._closed()
+            if error != lib.SSL_ERROR_WANT_READ:
+                # pyOpenSSL 26.4: raises the matching SSL.Error.
+                # Guarded by test_bodywriter.test_privateOpenSSL.
+                conn._raise_ssl_error(ssl, n)
+                raise OSError(f"TLS error {error}")
+            while True:
+                self._idle(lastData)
+                try:
+                    got = self.sock.sock.recv_into(self._cipher)
+                except (BlockingIOError, TimeoutError):
+                    continue
+                break
+            if got == 0:
+                raise self._closed()
+            lastData = time.monotonic()
+            # pyOpenSSL 26.4: Connection._into_ssl is the read BIO.
+            if lib.BIO_write(conn._into_ssl, self._cipherPtr, got) != got:
+                raise OSError("TLS read buffer refused the data")
+
+
+class Sender:
+    """
+    Sends through a connection a thread owns (blocking writes that wake
+    every few tenths of a second, see L{setBlocking}): a plain socket
+    with C{sendall}; over TLS encrypted through the connection's own
+    OpenSSL object with partial-write mode off (one C{SSL_write} per MiB,
+    not per 16 KiB record), the ciphertext drained from the write BIO
+    into one reused buffer and sent from there.
+
+    Call L{start} and L{stop} in the thread.
+    """
+
+    SEND_SIZE = 1024 * 1024
+    _SLACK = 64 * 1024
+
+    def __init__(self, sock: ThreadSocket, conn, idle):
+        """
+        @param idle: C{idle(lastProgress)}, called whenever a send waits;
+            raises to stop the thread.
+        """
+        self.sock = sock
+        self.conn = conn
+        self._idle = idle
+        self._out = None
+        self._outView = None
+        self._outPtr = None
+
+    def start(self) -> None:
+        if self.conn is not None:
+            self._out = bytearray(self.SEND_SIZE + self._SLACK)
+            self._outView = memoryview(self._out)
+            self._outPtr = ffi.from_buffer(self._out)
+            # pyOpenSSL turns partial writes on (rule 3).
+            lib.SSL_clear_mode(self.conn._ssl,
+                               lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+    def stop(self) -> None:
+        if self._outPtr is not None:
+            lib.SSL_set_mode(self.conn._ssl,
+                             lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+            ffi.release(self._outPtr)
+            self._outView.release()
+            self._out = self._outView = self._outPtr = None
+
+    def sendRaw(self, data) -> None:
+        """
+        Send bytes as they are (ciphertext Twisted had not sent yet).
+        """
+        view = memoryview(data)
+        last = time.monotonic()
+        sock = self.sock.sock
+        while view:
+            try:
+                n = sock.send(view[:self.SEND_SIZE])
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                self._idle(last)
+                continue
+            view = view[n:]
+            last = time.monotonic()
+
+    def send(self, data) -> None:
+        """
+        Send plaintext (encrypted first over TLS).
+        """
+        if self.conn is None:
+            self.sendRaw(data)
+            return
+        conn = self.conn
+        view = memoryview(data)
+        while view:
+            # Partial writes are off and memory BIOs never refuse a
+            # write: this encrypts all of the piece at once.
+            n = conn.send(view[:self.SEND_SIZE])
+            view = view[n:]
+            while True:
+                # pyOpenSSL 26.4: Connection._from_ssl is the write BIO.
+                # Guarded by test_bodywriter.test_privateOpenSSL.
+                got = lib.BIO_read(conn._from_ssl, self._outPtr,
+                                   len(self._out))
+                if got <= 0:
+                    break
+                self.sendRaw(self._outView[:got])
+
+    def peerSpoke(self) -> bool:
+        """
+        Whether the peer sent application data (or closed) while we send:
+        for an HTTP client, an early answer to its request. Over TLS the
+        ciphertext that arrived is fed to OpenSSL, which takes in what
+        carries no data (TLS 1.3 session tickets); data stays in OpenSSL
+        for the TLS layer (L{flushReceived} after the hand-back).
+        """
+        sock = self.sock.sock
+        try:
+            if self.conn is None:
+                # Data or the end of the stream: either way Twisted reads.
+                sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return True
+            buf = bytearray(64 * 1024)
+            n = sock.recv_into(buf, len(buf), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if n == 0:
+            return True
+        conn = self.conn
+        with ffi.from_buffer(buf) as ptr:
+            if lib.BIO_write(conn._into_ssl, ptr, n) != n:
+                raise OSError("TLS read buffer refused the data")
+        one = ffi.new("char[1]")
+        n = lib.SSL_peek(conn._ssl, one, 1)
+        if n > 0:
+            return True
+        # A close or an error is Twisted's to see too.
+        return lib.SSL_get_error(conn._ssl, n) not in (
+            lib.SSL_ERROR_WANT_READ, lib.SSL_ERROR_WANT_WRITE)
+
+
+def setBlocking(sock: socket.socket, wake: float) -> None:
+    """
+    Make a thread's duplicate blocking, reads and writes waking every
+    C{wake} seconds. The descriptor shares its flags and options with Twisted's:
+    L{setNonBlocking} puts them back before the socket is handed back.
+    """
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wake))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(wake))
+
+
+def setNonBlocking(sock: socket.socket) -> None:
+    """
+    Undo L{setBlocking}; errors (a closed socket) are ignored.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+        sock.setblocking(False)
+    except OSError:
+        pass
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 def restoreConnection(tls, conn) -> None:

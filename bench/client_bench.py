@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""
+Client matrix: our client library against the reference client on the
+same daemon, in the same run (issue 15).
+
+    .venv/bin/python bench/client_bench.py [--runs 5] [--scale 1]
+        [--only "down qcow2"] [--json out.json]
+    .venv/bin/python bench/run.py --only client-matrix     # inside make bench
+
+Rows: for each daemon (ours, the reference), upload and download, a raw
+and a qcow2 local image, the dense image (random data) and the mixed one
+(half data, half holes), a file ticket and an nbd ticket (qemu-nbd over a
+unix socket). Every transfer is over TLS: the daemons here run without
+their local unix service, else both clients would move to its socket (as
+they do when the daemon is on their host) and TLS would not be measured.
+
+Each transfer runs in a new process with that client's Python: ours
+(C{imageio.client.upload/download}) with this virtualenv's, the
+reference's (C{ovirt_imageio.client.upload/download}) with the reference
+virtualenv's, both with their defaults (buffer size, connections). The
+time is the library call's, measured in that process (the interpreter's
+start and imports are left out). The page cache is dropped before every
+transfer (root only), so the local image, the ticket's file and qemu-nbd's
+image are all read cold. The two clients alternate which goes first.
+
+The ratio is reference time / our time, paired per run (above 1: ours is
+faster). Targets: median >= 1.25 and min >= 1.0 in every row.
+
+Built on run.py's L{Bench} (images, the run loop with its interleaving and
+cache drops, the report); L{scenarios} is the hook run.py calls.
+
+Measured 2026-12-07 (2 shared cores, load average 6-8 from other jobs,
+--scale 0.25, 5 runs): ratio medians 0.74-1.32 over the 32 rows, 3 rows
+at the target; the same transfer varied up to 3x between runs for both
+clients. Our client used 1.3-1.7 s of CPU per transfer (process and its
+qemu-nbd, imports included) against the reference's 0.9-1.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import REPO, MiB, QemuNBD  # noqa: E402
+
+ROWS = "client-matrix"
+
+_CLIENT = """
+import sys, time
+op, url, path, cafile, fmt = sys.argv[1:6]
+from {package} import client
+start = time.monotonic()
+if op == "upload":
+    client.upload(path, url, cafile)
+else:
+    client.download(url, path, cafile, fmt=fmt)
+print(time.monotonic() - start)
+"""
+
+OURS = _CLIENT.format(package="imageio")
+REFERENCE = _CLIENT.format(package="ovirt_imageio")
+
+
+def _testPackage():
+    """
+    Import the project's C{test} package (not the standard library's).
+    """
+    sys.path.insert(0, REPO)
+    if not getattr(sys.modules.get("test"), "__file__", "").startswith(REPO):
+        for name in [m for m in sys.modules
+                     if m == "test" or m.startswith("test.")]:
+            del sys.modules[name]
+
+
+class _Matrix:
+    """
+    What the rows share, started on the first row's set-up: one TLS-only
+    daemon of each kind, qemu-nbd exports of the two source images
+    (read-only) and of two upload targets.
+    """
+
+    def __init__(self, bench):
+        self.bench = bench
+        self.daemons = None
+
+    def start(self):
+        if self.daemons is not None:
+            return
+        b = self.bench
+        _testPackage()
+        from test.support import makePKI
+        from test.test_proxy import Node, hostConf
+        work = os.path.join(b.workdir, "client-matrix")
+        self.work = work
+        os.makedirs(work, exist_ok=True)
+        self.pki = makePKI(os.path.join(work, "pki"))
+        python = os.path.join(b.refvenv, "bin", "python")
+        self.daemons = {}
+        for name in ("ours", "ref"):
+            conf = os.path.join(work, "daemon-" + name)
+            sections = hostConf(conf, self.pki)
+            sections["logger_root"]["level"] = "WARNING"
+            node = Node("cm-" + name, conf, sections, self.pki.ca,
+                        reference=python if name == "ref" else None)
+            b.nodes.append(node)
+            self.daemons[name] = node
+        self.sources = {"dense": b.images["random"],
+                        "mixed": b.images["sparse"]}
+        self.sizes = {"dense": b.sizes["random"], "mixed": b.sizes["sparse"]}
+        self.locals = {("dense", "raw"): b.images["random"],
+                       ("dense", "qcow2"): b.images["random.qcow2"],
+                       ("mixed", "raw"): b.images["sparse"],
+                       ("mixed", "qcow2"): b.images["sparse.qcow2"]}
+        self.exports = {}
+        self.targets = {}
+        for density, path in self.sources.items():
+            self.exports[("down", density)] = self._qemu(
+                path, f"src-{density}", ("--read-only",))
+            for backend in ("file", "nbd"):
+                target = os.path.join(work, f"target-{density}-{backend}.raw")
+                with open(target, "wb") as f:
+                    f.truncate(self.sizes[density])
+                self.targets[(density, backend)] = target
+            self.exports[("up", density)] = self._qemu(
+                self.targets[(density, "nbd")], f"dst-{density}")
+
+    def _qemu(self, image, name, extra=()):
+        q = QemuNBD(image, "raw", os.path.join(self.work, name + ".sock"),
+                    extra)
+        self.bench.procs.append(q)
+        return q
+
+    def ticket(self, daemon, op, density, backend):
+        """
+        A ticket on C{daemon} for one row, as engine would make it: read
+        only for a download, write only for an upload.
+        """
+        node = self.daemons[daemon]
+        if backend == "file":
+            path = (self.sources[density] if op == "down"
+                    else self.targets[(density, backend)])
+            url = "file://" + path
+        else:
+            url = self.exports[(op, density)].url
+        tid = f"cm-{daemon}-{op}-{density}-{backend}"
+        ops = ["read"] if op == "down" else ["write"]
+        node.addTicket(tid, url, self.sizes[density], ops=ops, sparse=True,
+                       inactivity_timeout=3600, timeout=36000)
+        return node.imageURL(tid)
+
+
+def scenarios(bench, Scenario, Result):
+    """
+    The client matrix as run.py scenarios (the hook in C{Bench.build}).
+
+    run.py measures each scenario once per run with the "ours" and the
+    "ref" daemon; here that name picks the client, and the row's daemon
+    is fixed. A value is MB/s of the image's virtual size, so run.py's
+    ratio (ours / ref) is the reference's time over ours.
+    """
+    matrix = _Matrix(bench)
+    rows = []
+    for daemon in ("ours", "ref"):
+        for op in ("up", "down"):
+            for fmt in ("raw", "qcow2"):
+                for density in ("dense", "mixed"):
+                    for backend in ("file", "nbd"):
+                        rows.append(_scenario(
+                            bench, matrix, Scenario, Result, daemon, op,
+                            fmt, density, backend))
+    return rows
+
+
+def _scenario(bench, matrix, Scenario, Result, daemon, op, fmt, density,
+              backend):
+    name = f"{ROWS} {op:4} {fmt:5} {density} {backend:4} @{daemon}"
+    s = Scenario(name, "MB/s", None, target=(">=", 1.25, "client"),
+                 cold=True)
+    state = {}
+
+    def setup():
+        matrix.start()
+        state["url"] = matrix.ticket(daemon, op, density, backend)
+        state["size"] = matrix.sizes[density]
+
+    def measure(d):
+        client = d.name  # which client; the daemon is the row's
+        size = state["size"]
+        if client == "ref":
+            python = os.path.join(bench.refvenv, "bin", "python")
+            script = REFERENCE
+        else:
+            python = sys.executable
+            script = OURS
+        if op == "up":
+            target = matrix.targets.get((density, backend))
+            # The same starting point for both clients: an empty target.
+            os.truncate(target, 0)
+            os.truncate(target, size)
+            path = matrix.locals[(density, fmt)]
+        else:
+            path = os.path.join(matrix.work, f"download.{fmt}")
+            if os.path.exists(path):
+                os.unlink(path)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.monotonic()
+        out = subprocess.run(
+            [python, "-c", script, "upload" if op == "up" else "download",
+             state["url"], path, matrix.pki.ca, fmt],
+            capture_output=True, text=True, timeout=1800, cwd=REPO)
+        wall = time.monotonic() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if out.returncode != 0:
+            raise RuntimeError(f"{client} client failed: "
+                               f"{out.stderr[-2000:]}")
+        seconds = float(out.stdout.strip().splitlines()[-1])
+        if op == "down":
+            got = _virtualSize(path, fmt)
+            os.unlink(path)
+            if got != size:
+                raise RuntimeError(f"downloaded {got} bytes of {size}")
+        r = Result(size / seconds / 1e6, None, size, seconds)
+        # The client process and its qemu-nbd and qemu-img.
+        r.clientCpu = (after.ru_utime - before.ru_utime
+                       + after.ru_stime - before.ru_stime)
+        r.wall = wall
+        return r
+
+    s.setup = setup
+    s.measure = measure
+    return s
+
+
+def _virtualSize(path, fmt):
+    if fmt == "raw":
+        return os.path.getsize(path)
+    out = subprocess.run(["qemu-img", "info", "--output=json", path],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["virtual-size"]
+
+
+# ---------------------------------------------------------------------------
+# Running on its own
+
+
+def _stats(values):
+    values = sorted(values)
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": values[0],
+            "max": values[-1], "runs": values}
+
+
+def table(bench, out=sys.stdout):
+    """
+    Print the matrix: times (s) and ratios (reference time / ours) per
+    row, median (min-max), and the client CPU seconds (medians).
+    """
+    rows = []
+    w = out.write
+    w(f"\nclient matrix -- {datetime.datetime.now():%Y-%m-%d %H:%M}, "
+      f"{bench.args.runs} runs, scale {bench.args.scale:g} (dense "
+      f"{bench.sizes['random'] / MiB:.0f} MiB, mixed "
+      f"{bench.sizes['sparse'] / MiB:.0f} MiB virtual), TLS, caches "
+      f"dropped before each transfer\n")
+    w("ratio = reference time / our time, paired per run; cpu = client "
+      "process + its qemu, s\n\n")
+    head = (f"{'row':42} {'ours s':>20} {'ref s':>20} {'ratio':>18} "
+            f"{'cpu us':>6} {'cpu ref':>7}  verdict\n")
+    w(head)
+    w("-" * len(head) + "\n")
+    for s in bench.scenarios:
+        if not s.name.startswith(ROWS):
+            continue
+        ours = s.results.get("ours", [])
+        ref = s.results.get("ref", [])
+        row = {"name": s.name, "errors": s.errors, "skip": s.skip}
+        if s.skip:
+            w(f"{s.name:42} {s.skip}\n")
+            rows.append(row)
+            continue
+        row["ours_s"] = _stats([r.seconds for r in ours])
+        row["ref_s"] = _stats([r.seconds for r in ref])
+        row["ratio"] = _stats([b.seconds / a.seconds
+                               for a, b in zip(ours, ref)])
+        row["ours_cpu"] = _stats([r.clientCpu for r in ours])
+        row["ref_cpu"] = _stats([r.clientCpu for r in ref])
+        rows.append(row)
+
+        def fmt(st, p=2):
+            if not st:
+                return "-"
+            return (f"{st['median']:.{p}f} ({st['min']:.{p}f}-"
+                    f"{st['max']:.{p}f})")
+
+        ratio = row["ratio"]
+        verdict = "-"
+        if ratio:
+            ok = ratio["median"] >= 1.25 and ratio["min"] >= 1.0
+            verdict = "ok" if ok else "FAIL"
+        w(f"{s.name:42} {fmt(row['ours_s']):>20} {fmt(row['ref_s']):>20} "
+          f"{fmt(ratio):>18} "
+          f"{row['ours_cpu']['median'] if row['ours_cpu'] else 0:6.1f} "
+          f"{row['ref_cpu']['median'] if row['ref_cpu'] else 0:7.1f}  "
+          f"{verdict}\n")
+        for e in s.errors[:3]:
+            w(f"    error: {e[:200]}\n")
+    return rows
+
+
+def main():
+    import run
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="image size factor (0.25: 512 MiB dense, 1 GiB "
+                        "mixed)")
+    p.add_argument("--only", default="",
+                   help="comma separated substrings of row names")
+    p.add_argument("--images", default="/var/tmp/tximageio-bench-images")
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--refvenv")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.images == p.get_default("images") and args.scale != 1.0:
+        args.images += f"-{args.scale:g}"
+    only = [w for w in args.only.split(",") if w] or [""]
+    # run.Bench's options; its own daemons start too (the run loop
+    # passes them to measure(), which uses only their names).
+    args.only = None
+    args.workers = 1
+    args.parallel_workers = 1
+    args.log_level = "WARNING"
+    args.no_nginx = True
+    args.reads_seconds = 0
+    bench = run.Bench(args)
+    try:
+        bench.setUp()
+        bench.scenarios = [s for s in scenarios(bench, run.Scenario,
+                                                run.Result)
+                           if any(w in s.name for w in only)]
+        bench.run()
+    finally:
+        bench.tearDown()
+    rows = table(bench)
+    path = args.json or os.path.join(
+        REPO, "bench", "results",
+        "client-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"runs": args.runs, "scale": args.scale, "rows": rows},
+                  f, indent=2)
+    print(f"\nJSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
