@@ -346,11 +346,11 @@ class SocketWriter:
         self._directFd = None
         self._direct = None
         self._item = None
+        self._sentBytes = 0
         self._itemPos = 0
         self._highWater = HIGH_WATER
         self._readBuffer = None
         self._nbd = None
-        self._nbdBuffers = None
         self._threadExited = False
         self._outBuffer = None
         self._outView = None
@@ -663,12 +663,10 @@ class SocketWriter:
             _buffers.give(self._outBuffer)
         if self._readBuffer is not None:
             _buffers.give(self._readBuffer)
-        for buf in self._nbdBuffers or ():
-            _buffers.give(buf)
         self._outBuffer = self._outView = self._readBuffer = None
-        self._nbdBuffers = None
 
     def _sent(self, n: int) -> None:
+        self._sentBytes += n
         with self._cond:
             self._queued -= n
             resume = (self._producerPaused
@@ -807,28 +805,12 @@ class SocketWriter:
                 self._item = None
 
     def _sendNBD(self, region: NBDRegion, out, poller) -> None:
-        # Two reads in flight: the server reads the next piece while this
-        # one is sent.
-        conn = self._nbd.conn
-        if self._nbdBuffers is None:
-            self._nbdBuffers = [_buffers.take(), _buffers.take()]
-        free = list(self._nbdBuffers)
-        pending: deque = deque()
-        offset = region.offset
-        end = offset + region.length
-        step = min(_SEND_SIZE, conn.maxRequest)
-        while offset < end or pending:
-            while offset < end and free:
-                n = min(step, end - offset)
-                buf = free.pop()
-                view = memoryview(buf)[:n]
-                pending.append((conn.startRead(view, offset), buf, view))
-                offset += n
-            handle, buf, view = pending.popleft()
-            with view:
-                conn.finishRead(handle)
-                self._send(view, out, poller)
-            free.append(buf)
+        if self._direct is None:
+            # The rest of the body, read ahead on the lent connection by a
+            # thread of its own while this one encrypts and sends.
+            end = region.offset + self._size - self._sentBytes
+            self._direct = _NBDReads(self._nbd.conn, region.offset, end)
+        self._sendDirect(region.length, out, poller)
 
     def _dropBody(self) -> None:
         # Pages that were still queued on the socket when their piece was
@@ -951,30 +933,25 @@ class _DirectReadsStopped(Exception):
     pass
 
 
-class _DirectReads:
+class _ReadAhead:
     """
-    Reads a body's range of a file with C{O_DIRECT} in a thread of its
-    own, up to two pieces ahead of the writer thread, which sends them:
-    the disk works while the writer encrypts and writes, and the page
-    cache is not touched at all. Holes are not read (C{SEEK_DATA}): they
-    come as pieces of zeroes.
+    Reads a body's range in a thread of its own, a few pieces ahead of the
+    writer thread, which sends them (L{SocketWriter._sendDirect}): the
+    storage works while the writer encrypts and writes. Subclasses read
+    (L{_run}).
 
     Pieces are C{(length, buffer, skip)}: C{length} bytes at C{skip} in an
     aligned C{buffer}, or C{buffer} C{None} for zeroes.
-
-    @cvar bodies: bodies read this way so far in this process (for tests).
     """
 
-    bodies = 0
+    buffers = 2
 
-    def __init__(self, fd: int, start: int, end: int):
-        _DirectReads.bodies += 1
-        self._fd = fd
+    def __init__(self, start: int, end: int):
         self._start = start
         self._end = end
         self._cond = threading.Condition()
         self._pieces: deque = deque()
-        self._free = [_directBuffers.take() for _ in range(2)]
+        self._free = [_directBuffers.take() for _ in range(self.buffers)]
         self._all = list(self._free)
         self._stopping = False
         self._error = None
@@ -1024,25 +1001,7 @@ class _DirectReads:
 
     def _run(self) -> None:
         try:
-            for segStart, segEnd, isData in _segments(self._fd, self._start,
-                                                      self._end):
-                if not isData:
-                    self._put((segEnd - segStart, None, 0))
-                    continue
-                offset = segStart
-                while offset < segEnd:
-                    buf = self._take()
-                    aligned = offset - offset % _ALIGN
-                    skip = offset - aligned
-                    n = min(segEnd - offset, _DIRECT_CHUNK)
-                    span = -(-(skip + n) // _ALIGN) * _ALIGN
-                    with memoryview(buf)[:span] as view:
-                        got = os.preadv(self._fd, [view], aligned)
-                    if got < skip + n:
-                        raise OSError(errno.EIO,
-                                      "The file ended before the range")
-                    self._put((n, buf, skip))
-                    offset += n
+            self._read()
         except _DirectReadsStopped:
             pass
         except Exception as e:
@@ -1050,6 +1009,88 @@ class _DirectReads:
             with self._cond:
                 self._error = e.with_traceback(None)
                 self._cond.notify_all()
+
+    def _read(self) -> None:
+        raise NotImplementedError()
+
+
+class _DirectReads(_ReadAhead):
+    """
+    Reads a body's range of a file with C{O_DIRECT}, up to two pieces
+    ahead of the writer (see L{_ReadAhead}): the page cache is not touched
+    at all. Holes are not read (C{SEEK_DATA}): they come as pieces of
+    zeroes.
+
+    @cvar bodies: bodies read this way so far in this process (for tests).
+    """
+
+    bodies = 0
+
+    def __init__(self, fd: int, start: int, end: int):
+        _DirectReads.bodies += 1
+        self._fd = fd
+        super().__init__(start, end)
+
+    def _read(self) -> None:
+        for segStart, segEnd, isData in _segments(self._fd, self._start,
+                                                  self._end):
+            if not isData:
+                self._put((segEnd - segStart, None, 0))
+                continue
+            offset = segStart
+            while offset < segEnd:
+                buf = self._take()
+                aligned = offset - offset % _ALIGN
+                skip = offset - aligned
+                n = min(segEnd - offset, _DIRECT_CHUNK)
+                span = -(-(skip + n) // _ALIGN) * _ALIGN
+                with memoryview(buf)[:span] as view:
+                    got = os.preadv(self._fd, [view], aligned)
+                if got < skip + n:
+                    raise OSError(errno.EIO,
+                                  "The file ended before the range")
+                self._put((n, buf, skip))
+                offset += n
+
+
+class _NBDReads(_ReadAhead):
+    """
+    Reads a body's range on a lent NBD connection (see L{_ReadAhead}),
+    two requests in flight, so that the server's reading and the
+    transfer through the socket overlap the writer's sending.
+    """
+
+    buffers = 4
+
+    def __init__(self, conn, start: int, end: int):
+        self._conn = conn
+        super().__init__(start, end)
+
+    def _tryTake(self):
+        with self._cond:
+            if self._stopping:
+                raise _DirectReadsStopped()
+            return self._free.pop() if self._free else None
+
+    def _read(self) -> None:
+        conn = self._conn
+        pending: deque = deque()
+        offset = self._start
+        step = min(_DIRECT_CHUNK, conn.maxRequest)
+        while offset < self._end or pending:
+            if offset < self._end and len(pending) < 2:
+                buf = self._tryTake() if pending else self._take()
+                if buf is not None:
+                    n = min(self._end - offset, step)
+                    view = memoryview(buf)[:n]
+                    pending.append((conn.startRead(view, offset), buf, view,
+                                    n))
+                    offset += n
+                    continue
+            handle, buf, view, n = pending.popleft()
+            with view:
+                conn.finishRead(handle)
+            self._put((n, buf, 0))
 
 
 _directBuffers = _Buffers(_DIRECT_CHUNK + _ALIGN, keep=8)
