@@ -151,7 +151,34 @@ def _unwrap(protocol):
     return protocol
 
 
-class ResponseReader:
+class _BodyThread:
+    """
+    What L{ResponseReader} and L{RequestWriter} share: stopping their
+    thread, and an abort or close of the transport while it owns the
+    connection.
+    """
+
+    def _stopThread(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if not self._started:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            if not self._done:
+                self._handBack()
+            return
+        # Wake the thread from a blocked read or write at once (rule 4).
+        self._sock.shutdown()
+
+    def _abortFromOutside(self) -> None:
+        # The body is not complete: a graceful close would wait for it.
+        self._abortAfter = True
+        self._stopThread()
+
+
+class ResponseReader(_BodyThread):
     """
     The reader of the rest of one response body, in a thread.
 
@@ -370,20 +397,6 @@ class ResponseReader:
             self._reactor.callLater(0, handoff.flushReceived, self._tls,
                                     self._conn)
 
-    def _stopThread(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if not self._started:
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-                self._scheduled = None
-            if not self._done:
-                self._handBack()
-            return
-        # Wake the thread from a blocked read at once (rule 4).
-        self._sock.shutdown()
-
     # Shadows of the transport's methods while the thread owns it.
 
     def _pause(self) -> None:
@@ -395,10 +408,6 @@ class ResponseReader:
             self._paused = False
             self._cond.notify()
 
-    def _abortFromOutside(self) -> None:
-        # The body is not complete: a graceful close would wait for it.
-        self._abortAfter = True
-        self._stopThread()
 
 
 HIGH_WATER = 8 * MiB
@@ -422,7 +431,7 @@ class _PeerSpoke(Exception):
     """
 
 
-class RequestWriter:
+class RequestWriter(_BodyThread):
     """
     The writer of the rest of one request body, in a thread: the body's
     writes to the connection's transport are queued for the thread, which
@@ -594,19 +603,6 @@ class RequestWriter:
         if paused:
             self._stream.resumeProducing()
 
-    def _abortFromOutside(self) -> None:
-        self._abortAfter = True
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if not self._started:
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-                self._scheduled = None
-            if not self._done:
-                self._handBack()
-            return
-        self._sock.shutdown()
 
     # The thread.
 
