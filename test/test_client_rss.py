@@ -73,7 +73,9 @@ def test_client_rss_4g(daemon, tmp_path):
     make_image(src, "raw", SIZE, DATA)
     dst = str(tmp_path / "dst.raw")
     qemu_img("create", "-q", "-f", "raw", dst, str(SIZE))
-    url = daemon.serve(dst, "raw", SIZE)
+    # A sparse ticket: zeroing deallocates, so the 3.5 GiB of zeros do not
+    # take disk space (CI machines may have little).
+    url = daemon.serve(dst, "raw", SIZE, sparse=True)
     ca = daemon.pki.ca
     rss = {}
     rss["upload"] = peak_rss_mib("upload", [src, url, ca])
@@ -81,10 +83,12 @@ def test_client_rss_4g(daemon, tmp_path):
     back = str(tmp_path / "back.qcow2")
     rss["download"] = peak_rss_mib("download", [url, back, ca])
     compare(src, back)
+    os.unlink(back)
     cli_back = str(tmp_path / "cli.raw")
     rss["cli download"] = peak_rss_mib(
         "cli", ["download", url, cli_back, "-f", "raw", "--cafile", ca])
     compare(src, cli_back)
+    os.unlink(cli_back)
     print("client peak RSS (MiB):", rss)
     for what, mib in rss.items():
         assert mib < LIMIT_MIB, f"{what}: {mib:.1f} MiB"
