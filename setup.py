@@ -27,8 +27,10 @@ setup(
     package_data={"twisted": ["plugins/imageio_tap.py",
                              "plugins/imageio_endpoints.py"]},
     install_requires=[
-        "twisted[tls]>=23.10",
-        "pyopenssl",
+        # The versions imageio.compat was checked against (its private
+        # Twisted and pyOpenSSL names; test_compat tries each).
+        "twisted[tls]>=26.10,<27",
+        "pyopenssl>=26.4,<27",
         "service-identity",
         "treq",
         "prometheus-client>=0.17",

@@ -31,7 +31,7 @@ from twisted.python.threadpool import ThreadPool
 from imageio.logs import Logger
 from imageio import endpoints as endpoints_
 from imageio import logs
-from imageio import malloc, tickets, workers
+from imageio import compat, malloc, tickets, workers
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
@@ -440,15 +440,13 @@ class ImageioService(service.MultiService):
             "after", "shutdown", self._cleanExit)
 
     def _cleanExit(self) -> None:
-        # Twisted 26.10: the reactor's sigTerm stores the signal in
-        # _exitSignal, and twistd kills itself with it once the reactor
-        # has stopped, so a stop that went well read as "killed by
-        # SIGTERM" (status -15/143) to anything but systemd. This trigger
-        # runs only once every service stopped: SIGTERM is then the normal
-        # way to stop (as the reference, which exits 0). SIGINT keeps
-        # Twisted's behaviour. Guarded by test_daemon.test_sigterm_exit_0.
-        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-            self.reactor._exitSignal = None
+        # twistd kills itself with the signal that stopped the reactor,
+        # so a stop that went well read as "killed by SIGTERM" (status
+        # -15/143) to anything but systemd. This trigger runs only once
+        # every service stopped: SIGTERM is then the normal way to stop
+        # (as the reference, which exits 0). SIGINT keeps Twisted's
+        # behaviour. Tested by test_daemon.test_sigterm_exit_0.
+        compat.clearExitSignal(self.reactor, signal.SIGTERM)
 
     def startService(self):
         super().startService()

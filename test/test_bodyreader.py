@@ -16,7 +16,6 @@ import subprocess
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
-from twisted.web import http as twhttp
 
 from imageio import transfer
 from imageio.units import MiB
@@ -49,20 +48,6 @@ def upload(con, path, data, headers=None):
     con.request("PUT", path, body=data, headers=headers or {})
     r = con.getresponse()
     return r.status, r.read()
-
-
-def test_privateTwisted():
-    # HTTPChannel._transferDecoder and _IdentityTransferDecoder.contentLength
-    # (Twisted 26.10), decremented before each chunk is delivered.
-    seen = []
-    decoder = twhttp._IdentityTransferDecoder(
-        10, lambda d: seen.append((bytes(d), decoder.contentLength)),
-        lambda rest: seen.append(("end", bytes(rest))))
-    decoder.dataReceived(bytearray(b"abcd"))
-    decoder.dataReceived(bytearray(b"efghijXY"))
-    assert seen == [(b"abcd", 6), (b"efghij", 0), ("end", b"XY")]
-    channel = twhttp.HTTPChannel()
-    assert channel._transferDecoder is None
 
 
 @pytest_twisted.ensureDeferred

@@ -21,10 +21,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import abstract, defer, protocol, reactor, threads
-from twisted.internet import ssl as tssl
-from twisted.internet.testing import StringTransport
-from twisted.protocols import tls
+from twisted.internet import defer, reactor, threads
 
 from imageio.config import TLS
 from imageio.tls import tlsOptions
@@ -116,46 +113,6 @@ def sequence(con, uuid, data):
     out.append(r.status == 200)
     con.close()
     return out
-
-
-# ---------------------------------------------------------------------------
-# The private attributes this module relies on.
-
-
-def test_privateTwisted():
-    # abstract.FileDescriptor's output buffer (Twisted 26.10).
-    fd = abstract.FileDescriptor(reactor)
-    assert fd.dataBuffer == b"" and fd.offset == 0
-    assert fd._tempDataBuffer == [] and fd._tempDataLen == 0
-    fd.connected = True
-    fd.startWriting = lambda: None
-    fd.write(b"abc")
-    fd.write(b"def")
-    assert handoff.pending(fd) == b"abcdef"
-    fd.stopWriting = lambda: None
-    handoff.clearPending(fd)
-    assert handoff.pending(fd) == b""
-
-    # BufferingTLSTransport: its OpenSSL Connection, its queue of writes
-    # waiting for the handshake, and its small-write aggregator.
-    opts = tssl.CertificateOptions()
-    factory = tls.TLSMemoryBIOFactory(
-        opts, True, protocol.Factory.forProtocol(protocol.Protocol))
-    proto = factory.buildProtocol(None)
-    assert isinstance(proto, tls.BufferingTLSTransport)
-    proto.makeConnection(StringTransport())
-    assert proto._tlsConnection is not None
-    assert proto._appSendBuffer == []
-    assert callable(proto._aggregator.flush)
-
-
-def test_privateOpenSSL():
-    from OpenSSL import SSL
-    from OpenSSL._util import ffi, lib
-    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-    buf = ffi.new("char[]", 16)
-    # An empty memory BIO reads nothing (and does not block).
-    assert lib.BIO_read(conn._from_ssl, buf, 16) <= 0
 
 
 # ---------------------------------------------------------------------------

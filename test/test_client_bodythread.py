@@ -13,8 +13,7 @@ import signal
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, endpoints, reactor, task, threads
-from twisted.web import _newclient
+from twisted.internet import defer, reactor, task, threads
 
 from imageio.client import _bodythread, aio
 from imageio.client._errors import ClientError, ServerError
@@ -59,23 +58,6 @@ async def _settle():
         if _bodythread.running() == 0:
             return
         await task.deferLater(reactor, 0.01, lambda: None)
-
-
-def test_privateTwisted():
-    # Twisted 26.10 attributes _bodythread reads.
-    marker = object()
-    assert _newclient.TransportProxyProducer(marker)._producer is marker
-    assert _newclient.HTTP11ClientProtocol()._parser is None
-    assert _newclient.HTTPClientParser.bodyDecoder is None
-    wrapping = endpoints._WrappingProtocol(defer.Deferred(), marker)
-    assert wrapping._wrappedProtocol is marker
-
-    class Producer:
-        length = 10
-
-    consumer = _newclient.LengthEnforcingConsumer(Producer(), marker,
-                                                  defer.Deferred())
-    assert consumer._consumer is marker
 
 
 @pytest.mark.parametrize("transport", ["tls", "unix"])

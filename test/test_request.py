@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import inspect
 
-import pytest
 from twisted.internet import abstract, defer, tcp
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web import http
 
 from imageio.backends.memory import MemoryBackend
 from imageio.config import Config
@@ -235,70 +233,6 @@ def test_receive_size():
     assert t.bufferSize == PLAIN_RECEIVE_SIZE
 
 
-# The private Twisted attributes imageio.web.request relies on (checked
-# against Twisted 26.10).
-
-
-def test_requestLine():
-    # HTTPChannel._command, _path and _version are set when gotLength runs.
-    seen = {}
-
-    class Probe(http.Request):
-        def gotLength(self, length):
-            seen["line"] = (self.channel._command, self.channel._path,
-                            self.channel._version)
-            super().gotLength(length)
-
-    channel = http.HTTPChannel()
-    channel.requestFactory = Probe
-    channel.makeConnection(StringTransport())
-    channel.dataReceived(b"PUT /a?b=c HTTP/1.1\r\nContent-Length: 1\r\n\r\n")
-    assert seen["line"] == (b"PUT", b"/a?b=c", b"HTTP/1.1")
-
-
-def test_savedTimeOut():
-    # allContentReceived saves the idle timeout in _savedTimeOut and sets
-    # _handlingRequest; requestDone restores the timeout from it.
-    reactor = MemoryReactorClock()
-    channel = http.HTTPChannel()
-    channel.callLater = reactor.callLater
-    channel.timeOut = 60
-    requests = []
-
-    class Hold(http.Request):
-        def process(self):
-            requests.append(self)
-
-    channel.requestFactory = Hold
-    channel.makeConnection(StringTransport())
-    assert not channel._handlingRequest
-    channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
-    assert channel._handlingRequest
-    assert channel.timeOut is None
-    assert channel._savedTimeOut == 60
-    channel._savedTimeOut = 99
-    requests[0].finish()
-    assert channel.timeOut == 99
-
-
-def test_networkProducer():
-    channel = http.HTTPChannel()
-    t = StringTransport()
-    channel.makeConnection(t)
-    assert channel._networkProducer is t
-    assert t.producer is channel
-
-
-def test_request_disconnected():
-    # http.Request._disconnected is set by connectionLost.
-    channel = http.HTTPChannel()
-    channel.makeConnection(StringTransport())
-    request = http.Request(channel)
-    assert request._disconnected is False
-    request.connectionLost(None)
-    assert request._disconnected is True
-
-
 def test_bufferSize():
     # FileDescriptor.bufferSize is the recv size of TCP and UNIX reads.
     assert abstract.FileDescriptor.bufferSize == 2 ** 16
@@ -313,10 +247,3 @@ def test_callLater_on_channel():
     proto = site.buildProtocol(None)
     assert proto.callLater == reactor.callLater
 
-
-@pytest.mark.parametrize("name", ["_command", "_path", "_version"])
-def test_requestLine_deleted_after_body(name):
-    channel = http.HTTPChannel()
-    channel.makeConnection(StringTransport())
-    channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
-    assert not hasattr(channel, name) or getattr(channel, name) is None

@@ -35,8 +35,8 @@ from collections import deque
 
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web import http
 
+from imageio import compat
 from imageio.logs import Logger
 from imageio.units import MiB
 from imageio.web import handoff
@@ -142,15 +142,6 @@ class _Stopped(Exception):
     pass
 
 
-def _unwrap(protocol):
-    # Twisted 26.10: endpoints._WrappingProtocol (HostnameEndpoint,
-    # UNIXClientEndpoint) keeps the protocol it wraps in _wrappedProtocol.
-    # Guarded by test_client_bodythread.test_privateTwisted.
-    while hasattr(protocol, "_wrappedProtocol"):
-        protocol = protocol._wrappedProtocol
-    return protocol
-
-
 class _BodyThread:
     """
     What L{ResponseReader} and L{RequestWriter} share: stopping their
@@ -228,14 +219,8 @@ class ResponseReader(_BodyThread):
             connection that cannot be taken, or a proxy already cut off.
         """
         global _active
-        # Twisted 26.10: TransportProxyProducer._producer is the HTTP
-        # connection's transport; HTTP11ClientProtocol._parser the
-        # response's parser, whose bodyDecoder (an _IdentityTransferDecoder
-        # for a Content-Length body) counts the bytes still expected in
-        # contentLength. Guarded by
-        # test_client_bodythread.test_privateTwisted.
         proxy = getattr(producer, "transport", None)
-        tls = transport = getattr(proxy, "_producer", None)
+        tls = transport = compat.responseTransport(proxy)
         if transport is None:
             return None
         conn = None
@@ -246,10 +231,11 @@ class ResponseReader(_BodyThread):
             http11 = transport.wrappedProtocol
             transport = transport.transport
         else:
-            http11 = _unwrap(getattr(transport, "protocol", None))
-        parser = getattr(http11, "_parser", None)
+            http11 = compat.unwrapProtocol(
+                getattr(transport, "protocol", None))
+        parser = compat.responseParser(http11)
         decoder = getattr(parser, "bodyDecoder", None)
-        if type(decoder) is not http._IdentityTransferDecoder:
+        if not compat.identityDecoder(decoder):
             return None
         remaining = decoder.contentLength
         if (remaining is None or remaining < MIN_SIZE
@@ -272,7 +258,7 @@ class ResponseReader(_BodyThread):
         self._scheduled = None
         decoder = self._decoder
         if (self._done or self._stopping
-                or getattr(self._http11, "_parser", None) is not self._parser
+                or compat.responseParser(self._http11) is not self._parser
                 or self._parser.bodyDecoder is not decoder
                 or not decoder.contentLength
                 or not handoff.usable(self._raw)
@@ -491,11 +477,7 @@ class RequestWriter(_BodyThread):
             Twisted's path.
         """
         global _active
-        # Twisted 26.10: the body producer of a request with a length
-        # writes to a LengthEnforcingConsumer whose _consumer is the
-        # connection's transport. Guarded by
-        # test_client_bodythread.test_privateTwisted.
-        tls = transport = getattr(consumer, "_consumer", None)
+        tls = transport = compat.requestTransport(consumer)
         if transport is None or stream.length - stream.written < MIN_SIZE:
             return None
         conn = None

@@ -46,9 +46,8 @@ from collections import deque
 
 from twisted.internet import defer
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.web import http
 
-from imageio import transfer
+from imageio import compat, transfer
 from imageio.errors import BackendError
 from imageio.logs import Logger
 from imageio.transfer import fireWaiters, whenResult
@@ -175,13 +174,10 @@ class SocketReader:
             if conn is None:
                 return None
             transport = transport.transport
-        # Twisted 26.10: HTTPChannel._transferDecoder decodes the body of
-        # the request being received; an _IdentityTransferDecoder (a
-        # Content-Length body) keeps the bytes still expected in
-        # contentLength, decremented before each chunk is delivered.
-        # Guarded by test_bodyreader.test_privateTwisted.
-        decoder = getattr(channel, "_transferDecoder", None)
-        if type(decoder) is not http._IdentityTransferDecoder:
+        # A Content-Length body: the decoder counts the bytes still
+        # expected in contentLength.
+        decoder = compat.bodyDecoder(channel)
+        if not compat.identityDecoder(decoder):
             return None
         remaining = decoder.contentLength
         if (remaining is None or remaining < MIN_SIZE
@@ -244,7 +240,7 @@ class SocketReader:
         decoder = self._decoder
         channel = self._channel
         if (self._result is not None
-                or getattr(channel, "_transferDecoder", None) is not decoder
+                or compat.bodyDecoder(channel) is not decoder
                 or not decoder.contentLength
                 or not handoff.usable(self._raw)
                 or (self._conn is not None and

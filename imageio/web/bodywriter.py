@@ -4,7 +4,7 @@ Response bodies written by a thread, straight to the connection's socket.
 
 Twisted moves a download through the reactor thread: for a TLS connection
 every 16 KiB record is sliced, encrypted, read back from the memory BIO and
-queued (C{TLSMemoryBIOProtocol._write}), and the socket gets at most
+queued by the TLS layer, and the socket gets at most
 128 KiB per reactor turn, the rest of the buffer being copied again. That
 costs 2-3 times the reference's CPU per GiB and caps a download at one
 core (TWISTED-NOTES §6). A L{SocketWriter} takes the connection over for
@@ -40,6 +40,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio import compat
+from imageio.compat import ffi as _ffi, lib as _lib
 from imageio.logs import Logger
 from imageio.protocols.nbd import NBDError
 from imageio.protocols.nbdthread import Broken as NBDBroken
@@ -47,7 +49,6 @@ from imageio.transfer import (
     ProducerStopped, Region, fireWaiters, whenResult)
 from imageio.units import MiB
 from imageio.web import handoff
-from imageio.web.handoff import ffi as _ffi, lib as _lib
 
 
 __all__ = ["SocketWriter", "FileRegion", "MIN_SIZE", "MAX_WRITERS",
@@ -404,7 +405,7 @@ class SocketWriter:
             return
         request = self._request
         raw = self._raw
-        if (request._disconnected or request.channel is None
+        if (compat.requestGone(request) or request.channel is None
                 or not handoff.usable(raw)
                 or (self._conn is not None
                     and handoff.tlsConnection(self._tls) is not self._conn)):
@@ -423,10 +424,9 @@ class SocketWriter:
         self._sock = handoff.ThreadSocket(raw.fileno())
         self._fd = self._sock.fd
         channel = request.channel
-        # Twisted 26.10: the idle timeout of a connection that handles a
-        # request waits in _savedTimeOut (see ImageioChannel).
-        self._timeout = (getattr(channel, "_savedTimeOut", None)
-                         or channel.timeOut)
+        # The idle timeout of a connection that handles a request is
+        # saved, and off (see ImageioChannel).
+        self._timeout = compat.savedTimeout(channel) or channel.timeOut
         self._started = True
         SocketWriter.bodies += 1
         self._log.debug("Body of {peer} handed to a writer thread",
@@ -598,7 +598,7 @@ class SocketWriter:
                 out = _ffi.from_buffer(self._outBuffer)
                 # pyOpenSSL turns partial writes on: SSL_write would
                 # return after every 16 KiB record (rule 3).
-                _lib.SSL_clear_mode(conn._ssl,
+                _lib.SSL_clear_mode(compat.ssl(conn),
                                     _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
             self._sendAll(self._pendingOutput, poller)
             self._pendingOutput = b""
@@ -634,7 +634,7 @@ class SocketWriter:
             error = WriterStopped(f"Writing to the client failed: {e!r}")
         finally:
             if conn is not None:
-                _lib.SSL_set_mode(conn._ssl,
+                _lib.SSL_set_mode(compat.ssl(conn),
                                   _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
             self._sock.close()
             self._fd = -1
@@ -713,9 +713,7 @@ class SocketWriter:
             n = conn.send(view[:_SEND_SIZE])
             view = view[n:]
             while True:
-                # pyOpenSSL 26.4: Connection._from_ssl is the write BIO.
-                # Guarded by test_bodywriter.test_privateOpenSSL.
-                got = _lib.BIO_read(conn._from_ssl, out,
+                got = _lib.BIO_read(compat.writeBIO(conn), out,
                                     _SEND_SIZE + _TLS_SLACK)
                 if got <= 0:
                     break

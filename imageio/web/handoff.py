@@ -29,9 +29,8 @@ The rules (C{TLS-HANDOFF.md}; each broke a soak when missing):
   6. Renegotiation is off on the context (L{imageio.tls}), and the reactor
      never reads while a thread owns the connection.
 
-This module touches private Twisted and pyOpenSSL attributes; each use
-names the version it was checked against and the test that fails if an
-upgrade changes it.
+The private Twisted and pyOpenSSL attributes this needs are reached
+through L{imageio.compat}.
 """
 
 from __future__ import annotations
@@ -44,16 +43,9 @@ import time
 
 from OpenSSL import SSL
 
+from imageio import compat
+from imageio.compat import ffi, lib
 from imageio.logs import Logger
-
-try:
-    # pyOpenSSL 26.4: the low level binding Connection uses; lets the
-    # threads move bytes between OpenSSL and reused buffers without a new
-    # allocation and a copy per call (Connection.bio_read, recv_into).
-    # Guarded by test_bodywriter.test_privateOpenSSL.
-    from OpenSSL._util import ffi, lib
-except ImportError:  # pragma: no cover - a future pyOpenSSL
-    ffi = lib = None
 
 __all__ = ["Guard", "GuardTripped", "Shadows", "ThreadSocket", "tlsConnection",
            "usable", "takeOutput", "restoreConnection", "flushReceived",
@@ -196,26 +188,14 @@ def pending(raw) -> bytes | None:
     The bytes Twisted has not sent yet on C{raw} (a socket transport), or
     C{None} if its buffers are not the ones this module knows.
     """
-    # Twisted 26.10: abstract.FileDescriptor keeps unsent output in
-    # dataBuffer[offset:] followed by the _tempDataBuffer list
-    # (_tempDataLen bytes). Guarded by test_bodywriter.test_privateTwisted.
-    try:
-        data = raw.dataBuffer[raw.offset:]
-        temp = raw._tempDataBuffer
-        raw._tempDataLen
-    except AttributeError:
-        return None
-    return bytes(data) + b"".join(temp)
+    return compat.pendingOutput(raw)
 
 
 def clearPending(raw) -> None:
     """
     Forget C{raw}'s unsent bytes (taken by L{pending}) and stop writing.
     """
-    raw.dataBuffer = b""
-    raw.offset = 0
-    raw._tempDataBuffer = []
-    raw._tempDataLen = 0
+    compat.clearPendingOutput(raw)
     raw.stopWriting()
 
 
@@ -239,19 +219,9 @@ def tlsConnection(transport):
     C{_appSendBuffer}), closing, already owned by a thread, or a pyOpenSSL
     without the bindings used.
     """
-    # Twisted 26.10: TLSMemoryBIOProtocol._tlsConnection, _appSendBuffer,
-    # _handshakeDone, _lostTLSConnection; BufferingTLSTransport._aggregator.
-    # Guarded by test_bodywriter.test_privateTwisted.
-    conn = getattr(transport, "_tlsConnection", None)
-    if (conn is None or isinstance(conn, Guard) or lib is None
-            or getattr(transport, "_appSendBuffer", True)
-            or not getattr(transport, "_handshakeDone", False)
-            or getattr(transport, "_lostTLSConnection", True)
-            or not hasattr(transport, "_aggregator")
-            or not hasattr(conn, "_from_ssl") or not hasattr(conn, "_ssl")
-            or not hasattr(conn, "_into_ssl")):
+    if isinstance(compat.currentConnection(transport), Guard):
         return None
-    return conn
+    return compat.tlsConnection(transport)
 
 
 def usable(raw) -> bool:
@@ -276,14 +246,14 @@ def takeOutput(tls, raw, conn) -> bytes:
     if conn is not None:
         # BufferingTLSTransport's small-write aggregator (Twisted 26.10)
         # may hold the headers or a 100 Continue.
-        tls._aggregator.flush()
+        compat.flushAggregator(tls)
     # The class's method: the reader thread shadows the instance's.
     type(raw).stopReading(raw)
     out = pending(raw)
     clearPending(raw)
     if conn is not None:
         out += drainBIO(conn)
-        tls._tlsConnection = Guard(str(raw.getPeer()))
+        compat.swapConnection(tls, Guard(str(raw.getPeer())))
     return out
 
 
@@ -354,7 +324,7 @@ class Receiver:
 
     def _decrypt(self, target, size: int) -> None:
         conn = self.conn
-        ssl = conn._ssl
+        ssl = compat.ssl(conn)
         filled = 0
         lastData = time.monotonic()
         while filled < size:
@@ -366,9 +336,7 @@ class Receiver:
             if error == lib.SSL_ERROR_ZERO_RETURN:
                 raise self._closed()
             if error != lib.SSL_ERROR_WANT_READ:
-                # pyOpenSSL 26.4: raises the matching SSL.Error.
-                # Guarded by test_bodywriter.test_privateOpenSSL.
-                conn._raise_ssl_error(ssl, n)
+                compat.raiseSSLError(conn, ssl, n)
                 raise OSError(f"TLS error {error}")
             while True:
                 self._idle(lastData)
@@ -380,8 +348,8 @@ class Receiver:
             if got == 0:
                 raise self._closed()
             lastData = time.monotonic()
-            # pyOpenSSL 26.4: Connection._into_ssl is the read BIO.
-            if lib.BIO_write(conn._into_ssl, self._cipherPtr, got) != got:
+            if lib.BIO_write(compat.readBIO(conn), self._cipherPtr,
+                             got) != got:
                 raise OSError("TLS read buffer refused the data")
 
 
@@ -418,12 +386,12 @@ class Sender:
             self._outView = memoryview(self._out)
             self._outPtr = ffi.from_buffer(self._out)
             # pyOpenSSL turns partial writes on (rule 3).
-            lib.SSL_clear_mode(self.conn._ssl,
+            lib.SSL_clear_mode(compat.ssl(self.conn),
                                lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def stop(self) -> None:
         if self._outPtr is not None:
-            lib.SSL_set_mode(self.conn._ssl,
+            lib.SSL_set_mode(compat.ssl(self.conn),
                              lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
             ffi.release(self._outPtr)
             self._outView.release()
@@ -460,9 +428,7 @@ class Sender:
             n = conn.send(view[:self.SEND_SIZE])
             view = view[n:]
             while True:
-                # pyOpenSSL 26.4: Connection._from_ssl is the write BIO.
-                # Guarded by test_bodywriter.test_privateOpenSSL.
-                got = lib.BIO_read(conn._from_ssl, self._outPtr,
+                got = lib.BIO_read(compat.writeBIO(conn), self._outPtr,
                                    len(self._out))
                 if got <= 0:
                     break
@@ -490,14 +456,14 @@ class Sender:
             return True
         conn = self.conn
         with ffi.from_buffer(buf) as ptr:
-            if lib.BIO_write(conn._into_ssl, ptr, n) != n:
+            if lib.BIO_write(compat.readBIO(conn), ptr, n) != n:
                 raise OSError("TLS read buffer refused the data")
         one = ffi.new("char[1]")
-        n = lib.SSL_peek(conn._ssl, one, 1)
+        n = lib.SSL_peek(compat.ssl(conn), one, 1)
         if n > 0:
             return True
         # A close or an error is Twisted's to see too.
-        return lib.SSL_get_error(conn._ssl, n) not in (
+        return lib.SSL_get_error(compat.ssl(conn), n) not in (
             lib.SSL_ERROR_WANT_READ, lib.SSL_ERROR_WANT_WRITE)
 
 
@@ -533,7 +499,7 @@ def restoreConnection(tls, conn) -> None:
     Rule 5: give the TLS layer its Connection back.
     """
     if conn is not None:
-        tls._tlsConnection = conn
+        compat.swapConnection(tls, conn)
 
 
 def flushReceived(tls, conn) -> None:
@@ -543,8 +509,6 @@ def flushReceived(tls, conn) -> None:
     they had just arrived. Call on a clean reactor stack, after
     L{restoreConnection}.
     """
-    # Twisted 26.10: TLSMemoryBIOProtocol._flushReceiveBIO, the loop its
-    # dataReceived runs after bio_write. Guarded by
-    # test_bodyreader.test_privateTwisted.
-    if tls._tlsConnection is conn and not tls._lostTLSConnection:
-        tls._flushReceiveBIO()
+    if (compat.currentConnection(tls) is conn
+            and not compat.tlsLost(tls)):
+        compat.flushReceiveBIO(tls)

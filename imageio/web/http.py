@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from imageio.logs import Logger
 from imageio import __version__
-from imageio import errors
+from imageio import compat, errors
 
 __all__ = [
     "Channel", "Request", "Resource", "Root", "asyncRender", "errorResponse",
@@ -160,7 +160,7 @@ def errorResponse(request, reason) -> None:
         _log.failure("{method} {path} failed", failure,
                      method=_method(request), path=requestPath(request))
 
-    if request._disconnected or request.finished:
+    if compat.requestGone(request) or request.finished:
         return
     if request.startedWriting:
         _log.warn("{method} {path} failed after the response started: "
@@ -256,14 +256,14 @@ def asyncRender(f):
         request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def done(body):
-            if body is None or request._disconnected or request.finished:
+            if body is None or compat.requestGone(request) or request.finished:
                 return
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()
 
         def failed(failure):
-            if request._disconnected or request.finished:
+            if compat.requestGone(request) or request.finished:
                 if not failure.check(defer.CancelledError):
                     _log.failure("{method} {path} failed after the client "
                                  "went away", failure,
@@ -392,7 +392,7 @@ class Request(server.Request):
         return reason
 
 
-class Channel(http.HTTPChannel):
+class Channel(compat.ChannelBase):
     """
     An HTTP/1.1 connection of any imageio service.
 
@@ -438,18 +438,14 @@ class Channel(http.HTTPChannel):
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        # Twisted 26.10: HTTPChannel sets _command once the request line is
-        # parsed and deletes it when the request is complete; it counts the
-        # head in _receivedHeaderSize.
-        # Guarded by test_fuzz.test_oversized_head.
         if self._discarding:
             return
-        if not hasattr(self, "_command"):
+        if not self.requestLineSeen():
             if len(line) + 2 > MAX_REQUEST_LINE:
                 self._refuseHead(414, b"Request-URI Too Long",
                                  "Request-URI Too Long")
                 return
-        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        elif self.headSize() + len(line) > self.totalHeadersSize:
             self._refuseHead(431, b"Request Header Fields Too Large",
                              "Request header fields too large")
             return
@@ -459,26 +455,22 @@ class Channel(http.HTTPChannel):
         # LineReceiver closes the transport itself, which never happens on
         # TLS while this channel is the transport's producer (the request
         # then hung until the idle timeout).
-        if not hasattr(self, "_command"):
+        if not self.requestLineSeen():
             self._refuseHead(414, b"Request-URI Too Long",
                              "Request-URI Too Long")
         else:
             self._refuseHead(431, b"Line too long", "Line too long")
 
     def headerReceived(self, line: bytes) -> bool:
-        # Twisted 26.10: _receivedHeaderCount, see lineReceived.
-        if self._receivedHeaderCount >= self.maxHeaders:
+        if self.headerCount() >= self.maxHeaders:
             self._refuseHead(431, b"Too many headers", "Too many headers")
             return False
         return super().headerReceived(line)
 
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        # Twisted 26.10: headerReceived calls this with the canonical name
-        # and the stripped value; it refuses a non-digit Content-Length
-        # with a bare 400 and a close. The reference parses it with int()
-        # and answers 400 with a text, keeping the connection (the body is
-        # then taken as empty).
-        # Guarded by test_fuzz.test_bad_content_length.
+    def transferHeaderReceived(self, header: bytes, data: bytes) -> bool:
+        # Twisted refuses a non-digit Content-Length with a bare 400 and a
+        # close. The reference parses it with int() and answers 400 with a
+        # text, keeping the connection (the body is then taken as empty).
         if header == b"Content-Length":
             text = data.decode("latin-1")
             try:
@@ -490,7 +482,7 @@ class Channel(http.HTTPChannel):
                 self._badLength = f"Negative Content-Length: {length}"
                 return True
             data = b"%d" % length
-        return super()._maybeChooseTransferDecoder(header, data)
+        return super().transferHeaderReceived(header, data)
 
     def allHeadersReceived(self) -> None:
         if self._badLength is not None:
@@ -498,7 +490,7 @@ class Channel(http.HTTPChannel):
             self._badLength = None
         super().allHeadersReceived()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def badHead(self) -> None:
         self._refuseHead(400, b"Bad Request", "Bad request")
 
     def _refuseHead(self, code: int, phrase: bytes, message: str) -> None:
@@ -541,9 +533,7 @@ class Channel(http.HTTPChannel):
         # end our side only (FIN after the response; a TLS connection sends
         # close_notify and waits for the peer's), keep dropping input, and
         # close for good after LINGER seconds.
-        # Twisted 26.10: what HTTPChannel.loseConnection does first.
-        # Guarded by test_request.test_networkProducer.
-        self._networkProducer.unregisterProducer()
+        self.unregisterNetworkProducer()
         transport = self.transport
         halfClose = getattr(transport, "loseWriteConnection", None)
         if halfClose is not None and not isinstance(
@@ -620,7 +610,7 @@ class _AccessLine:
 
     def __str__(self):
         site = self._site
-        return site._logFormatter(site._logDateTime, self._request)
+        return compat.accessLogLine(site, self._request)
 
 
 class _Site(server.Site):

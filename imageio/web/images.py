@@ -34,7 +34,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from imageio.logs import Logger
-from imageio import backends, blkhash, errors, metrics, transfer
+from imageio import backends, blkhash, compat, errors, metrics, transfer
 from imageio.extents import encode as encodeExtents
 from imageio.backends import http as httpbackend
 from imageio.units import MiB
@@ -401,7 +401,7 @@ class _Image(_Handler):
                                               time.monotonic() - started)
                 if len(data) < size:
                     raise errors.PartialContent(size, len(data))
-                if request._disconnected:
+                if compat.requestGone(request):
                     return None
                 op.check()
                 request.write(data if isinstance(data, bytes)

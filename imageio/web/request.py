@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from imageio.logs import Logger
-from imageio import errors
+from imageio import compat, errors
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
 from imageio.web.http import (
@@ -191,9 +191,10 @@ class ImageioChannel(Channel):
         # test_stalled_reader).
         super().pauseProducing()
         if self._stall is None and not self._lost:
-            # Twisted 26.10: the idle timeout of a connection handling a
-            # request waits in _savedTimeOut (see setIdleTimeout).
-            timeout = (self._savedTimeOut if self._handlingRequest
+            # The idle timeout of a connection handling a request is
+            # saved, and off (see setIdleTimeout).
+            timeout = (compat.savedTimeout(self)
+                       if compat.handlingRequest(self)
                        else self.timeOut) or self.timeOut
             if timeout:
                 self._stall = self.callLater(timeout, self._stalled)
@@ -248,12 +249,10 @@ class ImageioChannel(Channel):
         Make C{seconds} the idle timeout of this connection, now if it is
         idle or receiving a body, else once the current response is done.
         """
-        # Twisted 26.10: HTTPChannel.allContentReceived stores the idle
-        # timeout in _savedTimeOut and disables it while a request is
-        # handled (_handlingRequest); requestDone restores it.
-        # Guarded by test_request.test_savedTimeOut.
-        if self._handlingRequest:
-            self._savedTimeOut = seconds
+        # Twisted saves the idle timeout and turns it off while a request
+        # is handled, and restores it after.
+        if compat.handlingRequest(self):
+            compat.setSavedTimeout(self, seconds)
         else:
             self.setTimeout(seconds)
 
@@ -272,10 +271,8 @@ def finishIfConnected(request) -> None:
     """
     Finish C{request} unless its client went away or it is finished.
     """
-    # Twisted 26.10: http.Request._disconnected is set by connectionLost
-    # (finish() then raises). Guarded by
-    # test_request.test_request_disconnected.
-    if not request._disconnected and not request.finished:
+    # finish() raises once the connection is lost.
+    if not compat.requestGone(request) and not request.finished:
         request.finish()
 
 
@@ -337,13 +334,11 @@ class StreamingRequest(Request):
 
     def gotLength(self, length):
         self.content = io.BytesIO()
-        # Twisted 26.10: the request line is only on the channel until
-        # allContentReceived (HTTPChannel._command, _path, _version).
-        # HTTP/2 streams have none: getattr keeps them on the buffered path.
-        # Guarded by test_request.test_requestLine.
-        command = getattr(self.channel, "_command", None)
-        path = getattr(self.channel, "_path", None)
-        version = getattr(self.channel, "_version", None)
+        # The request line is only on the channel until the body is
+        # complete. HTTP/2 streams have none: they stay on the buffered
+        # path.
+        line = compat.requestLine(self.channel)
+        command, path, version = line or (None, None, None)
         if path is not None:
             # Valid request attributes: an early response needs them (the
             # status line uses clientproto, logs use method and uri).
@@ -453,7 +448,8 @@ class StreamingRequest(Request):
 
     def _respondEarly(self) -> None:
         self._early = None
-        if self._disconnected or self.finished or self.channel is None:
+        if (compat.requestGone(self) or self.finished
+                or self.channel is None):
             return
         if self._reader and self._reader.active:
             # A thread owns the socket: it stops first.
