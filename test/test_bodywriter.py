@@ -26,7 +26,7 @@ from twisted.internet import defer, reactor, threads
 from imageio.config import TLS
 from imageio.tls import tlsOptions
 from imageio.units import MiB
-from imageio.web import bodywriter, handoff
+from imageio.web import bodywriter, handoff, readahead
 from imageio.web.bodywriter import SocketWriter
 
 from test.support import UnixHTTPConnection, makePKI
@@ -129,11 +129,11 @@ async def test_file_keep_alive(tlsServer, tmp_path, transport,
     data = fileTicket(tlsServer, tmp_path)
     bodies, regions = SocketWriter.bodies, SocketWriter.regions
     opened = []
-    reopen = bodywriter._reopen
-    openDirect = bodywriter._openDirect
-    monkeypatch.setattr(bodywriter, "_reopen", lambda fd: (
+    reopen = readahead.reopen
+    openDirect = readahead.openDirect
+    monkeypatch.setattr(readahead, "reopen", lambda fd: (
         opened.append(threading.current_thread().name), reopen(fd))[1])
-    monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: (
+    monkeypatch.setattr(readahead, "openDirect", lambda fd: (
         opened.append(threading.current_thread().name), openDirect(fd))[1])
     con = (UnixHTTPConnection(tlsServer.unixPath) if transport == "unix"
            else tcpConnection(tlsServer))
@@ -278,7 +278,7 @@ def test_pageCacheSource(tmp_path):
         # hung mount blocks).
         assert fd is not None and fd != regular._fd
         assert os.fstat(fd).st_ino == os.fstat(regular._fd).st_ino
-        again = bodywriter._reopen(fd)
+        again = readahead.reopen(fd)
         try:
             assert fcntlFlags(again) & os.O_DIRECT == 0
             assert os.pread(again, 4, 0) == b"xxxx"
@@ -505,19 +505,19 @@ async def test_download_leaves_no_page_cache(tlsServer, tmp_path,
     if transport.endswith("-buffered"):
         # Reads through the page cache (a filesystem refusing O_DIRECT),
         # read ahead and dropped behind the cursor.
-        monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: None)
+        monkeypatch.setattr(readahead, "openDirect", lambda fd: None)
         transport = transport.split("-")[0]
         useDirect = False
     con = {"tls": tlsConnection, "tcp": tcpConnection}.get(
         transport, lambda s: UnixHTTPConnection(s.unixPath))(tlsServer)
     regions = SocketWriter.regions
-    direct = bodywriter._DirectReads.bodies
+    direct = readahead.DirectReads.bodies
     result = await threads.deferToThread(countingDownload, con,
                                          "/images/big")
     assert result == (200, size, h.hexdigest())
     assert SocketWriter.regions > regions
     # Where O_DIRECT works the thread reads with it.
-    assert bodywriter._DirectReads.bodies == direct + (1 if useDirect
+    assert readahead.DirectReads.bodies == direct + (1 if useDirect
                                                        else 0)
     assert cachedBytes(path) <= 64 * MiB
 
@@ -566,7 +566,7 @@ def test_segments(tmp_path):
         f.write(b"x" * MiB)
     fd = os.open(path, os.O_RDONLY)
     try:
-        got = list(bodywriter._segments(fd, MiB, 15 * MiB))
+        got = list(readahead.segments(fd, MiB, 15 * MiB))
     finally:
         os.close(fd)
     assert got == [(MiB, 4 * MiB, False), (4 * MiB, 5 * MiB, True),
@@ -598,13 +598,13 @@ async def test_direct_reads_buffered_fallback(tlsServer, tmp_path,
                                               transport, monkeypatch):
     # Where the filesystem refuses O_DIRECT (tmpfs, some FUSE), the
     # thread reads through the page cache, read ahead and dropped.
-    monkeypatch.setattr(bodywriter, "_openDirect", lambda fd: None)
+    monkeypatch.setattr(readahead, "openDirect", lambda fd: None)
     data = fileTicket(tlsServer, tmp_path, uuid="b1")
-    direct = bodywriter._DirectReads.bodies
+    direct = readahead.DirectReads.bodies
     regions = SocketWriter.regions
     con = (tlsConnection(tlsServer) if transport == "tls"
            else UnixHTTPConnection(tlsServer.unixPath))
     results = await threads.deferToThread(sequence, con, "b1", data)
     assert results == [True] * 4
     assert SocketWriter.regions > regions
-    assert bodywriter._DirectReads.bodies == direct
+    assert readahead.DirectReads.bodies == direct

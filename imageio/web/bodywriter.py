@@ -13,8 +13,9 @@ request, writes the headers, reads the backend and keeps the books
 (operation, metrics, backpressure), but a thread encrypts the body (the
 calls into OpenSSL release the GIL) and writes it with blocking I/O in
 large pieces; a file backend's ranges are read by the thread itself,
-without leaving the image in the page cache. When the body is done the connection is handed back to Twisted,
-and keep-alive goes on as before.
+without leaving the image in the page cache (L{imageio.web.readahead}).
+When the body is done the connection is handed back to Twisted, and
+keep-alive goes on as before.
 
 The hand-off follows the rules of L{imageio.web.handoff} (taken from
 the reactor on a clean stack after the first write, a guard in place of
@@ -48,7 +49,7 @@ from imageio.protocols.nbdthread import Broken as NBDBroken
 from imageio.transfer import (
     ProducerStopped, Region, fireWaiters, whenResult)
 from imageio.units import MiB
-from imageio.web import handoff
+from imageio.web import handoff, readahead
 
 
 __all__ = ["SocketWriter", "FileRegion", "MIN_SIZE", "MAX_WRITERS",
@@ -107,53 +108,12 @@ previous ones are sent, and the unit of dropping them from the page cache
 behind the cursor.
 """
 
-_DIRECT_CHUNK = 2 * MiB
-"""
-Bytes per C{O_DIRECT} read of a file region; two such reads run ahead of
-the sending.
-"""
-
-_ALIGN = 4096
-"""
-C{O_DIRECT} alignment of reads (offsets, lengths and buffers).
-"""
-
 _END = object()
 _active = 0
 _activeLock = threading.Lock()
 
 
-class _Buffers:
-    """
-    The threads' buffers: anonymous mappings, reused from one body to the
-    next. Allocated per body from malloc's heap they fragmented it (a
-    soak's idle daemon kept 70 MiB it could not give back).
-    """
-
-    def __init__(self, size: int, keep: int = 8):
-        self.size = size
-        self._keep = keep
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, self.size)
-
-    def give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(buf)
-                return
-        try:
-            buf.close()
-        except BufferError:
-            pass  # still viewed: unmapped when collected
-
-
-_buffers = _Buffers(_SEND_SIZE + _TLS_SLACK)
+_buffers = readahead.Buffers(_SEND_SIZE + _TLS_SLACK)
 _zeros = memoryview(mmap.mmap(-1, _SEND_SIZE, prot=mmap.PROT_READ))
 """
 Zeroes for holes, shared: a read-only anonymous mapping, all of it the
@@ -272,30 +232,6 @@ class WriterStopped(ProducerStopped):
     The thread could not write the body: the client went away, stopped
     reading for longer than the idle timeout, or the writer was aborted.
     """
-
-
-def _segments(fd: int, offset: int, end: int):
-    """
-    The data and hole segments of a file's range: C{(start, end, isData)}
-    tuples, from C{SEEK_DATA}/C{SEEK_HOLE} (a filesystem without them
-    reports all data).
-    """
-    while offset < end:
-        try:
-            data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            data = end
-        data = min(data, end)
-        if data > offset:
-            yield offset, data, False
-            offset = data
-            if offset >= end:
-                return
-        hole = min(os.lseek(fd, offset, os.SEEK_HOLE), end)
-        yield offset, hole, True
-        offset = hole
 
 
 @implementer(interfaces.IConsumer)
@@ -481,7 +417,8 @@ class SocketWriter:
         # it too: the page cache work of buffered reads (read ahead, copy,
         # drop) cost 0.5 s of CPU per GiB.
         self._wantDirect = (getattr(backend, "direct", False) and
-                            getattr(backend, "blockSize", _ALIGN) <= _ALIGN)
+                            getattr(backend, "blockSize", readahead.ALIGN)
+                            <= readahead.ALIGN)
         return _Regions(backend, fd)
 
     def _lend(self, backend) -> bool:
@@ -738,9 +675,9 @@ class SocketWriter:
         if self._regionFd is None:
             # The file is opened again here, not in the reactor: an open
             # on a hung mount blocks.
-            self._regionFd = _reopen(region.fd)
+            self._regionFd = readahead.reopen(region.fd)
             if self._wantDirect:
-                self._directFd = _openDirect(region.fd)
+                self._directFd = readahead.openDirect(region.fd)
         fd = self._regionFd
         start = region.offset
         end = start + region.length
@@ -748,12 +685,12 @@ class SocketWriter:
             self._bodyStart = start
             self._bodyEnd = start + self._size
             if self._directFd is not None:
-                self._direct = _DirectReads(self._directFd, start,
-                                            self._bodyEnd)
+                self._direct = readahead.DirectReads(
+                    self._directFd, start, self._bodyEnd)
         if self._direct is not None:
             self._sendDirect(region.length, out, poller)
             return
-        for segStart, segEnd, isData in _segments(fd, start, end):
+        for segStart, segEnd, isData in readahead.segments(fd, start, end):
             if not isData:
                 self._sendZeros(segEnd - segStart, out, poller)
                 continue
@@ -807,7 +744,8 @@ class SocketWriter:
             # The rest of the body, read ahead on the lent connection by a
             # thread of its own while this one encrypts and sends.
             end = region.offset + self._size - self._sentBytes
-            self._direct = _NBDReads(self._nbd.conn, region.offset, end)
+            self._direct = readahead.NBDReads(self._nbd.conn, region.offset,
+                                              end)
         self._sendDirect(region.length, out, poller)
 
     def _dropBody(self) -> None:
@@ -905,190 +843,3 @@ class SocketWriter:
         # body will not complete. Stop the thread; _threadDone aborts.
         self._log.debug("Connection closed during a threaded download")
         self._stopThread()
-
-
-def _reopen(fd: int) -> int:
-    """
-    A new descriptor (a new open file description, through the page
-    cache) of the file open as C{fd}.
-    """
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _openDirect(fd: int) -> int | None:
-    """
-    A new C{O_DIRECT} descriptor of the file open as C{fd}, or C{None}
-    where the filesystem refuses it.
-    """
-    try:
-        return os.open(f"/proc/self/fd/{fd}",
-                       os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-class _DirectReadsStopped(Exception):
-    pass
-
-
-class _ReadAhead:
-    """
-    Reads a body's range in a thread of its own, a few pieces ahead of the
-    writer thread, which sends them (L{SocketWriter._sendDirect}): the
-    storage works while the writer encrypts and writes. Subclasses read
-    (L{_run}).
-
-    Pieces are C{(length, buffer, skip)}: C{length} bytes at C{skip} in an
-    aligned C{buffer}, or C{buffer} C{None} for zeroes.
-    """
-
-    buffers = 2
-
-    def __init__(self, start: int, end: int):
-        self._start = start
-        self._end = end
-        self._cond = threading.Condition()
-        self._pieces: deque = deque()
-        self._free = [_directBuffers.take() for _ in range(self.buffers)]
-        self._all = list(self._free)
-        self._stopping = False
-        self._error = None
-        self._thread = threading.Thread(target=self._run,
-                                        name="imageio-readahead",
-                                        daemon=True)
-        self._thread.start()
-
-    def next(self):
-        """
-        The next piece (in the writer thread; waits for it).
-
-        @raise OSError: reading failed.
-        """
-        with self._cond:
-            while not self._pieces and self._error is None:
-                self._cond.wait()
-            if self._pieces:
-                return self._pieces.popleft()
-            raise self._error
-
-    def give(self, buf) -> None:
-        with self._cond:
-            self._free.append(buf)
-            self._cond.notify_all()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join()
-        for buf in self._all:
-            _directBuffers.give(buf)
-
-    def _take(self):
-        with self._cond:
-            while not self._free and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                raise _DirectReadsStopped()
-            return self._free.pop()
-
-    def _put(self, piece) -> None:
-        with self._cond:
-            self._pieces.append(piece)
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        try:
-            self._read()
-        except _DirectReadsStopped:
-            pass
-        except Exception as e:
-            # The writer raises it from next(), and stops.
-            with self._cond:
-                self._error = e.with_traceback(None)
-                self._cond.notify_all()
-
-    def _read(self) -> None:
-        raise NotImplementedError()
-
-
-class _DirectReads(_ReadAhead):
-    """
-    Reads a body's range of a file with C{O_DIRECT}, up to two pieces
-    ahead of the writer (see L{_ReadAhead}): the page cache is not touched
-    at all. Holes are not read (C{SEEK_DATA}): they come as pieces of
-    zeroes.
-
-    @cvar bodies: bodies read this way so far in this process (for tests).
-    """
-
-    bodies = 0
-
-    def __init__(self, fd: int, start: int, end: int):
-        _DirectReads.bodies += 1
-        self._fd = fd
-        super().__init__(start, end)
-
-    def _read(self) -> None:
-        for segStart, segEnd, isData in _segments(self._fd, self._start,
-                                                  self._end):
-            if not isData:
-                self._put((segEnd - segStart, None, 0))
-                continue
-            offset = segStart
-            while offset < segEnd:
-                buf = self._take()
-                aligned = offset - offset % _ALIGN
-                skip = offset - aligned
-                n = min(segEnd - offset, _DIRECT_CHUNK)
-                span = -(-(skip + n) // _ALIGN) * _ALIGN
-                with memoryview(buf)[:span] as view:
-                    got = os.preadv(self._fd, [view], aligned)
-                if got < skip + n:
-                    raise OSError(errno.EIO,
-                                  "The file ended before the range")
-                self._put((n, buf, skip))
-                offset += n
-
-
-class _NBDReads(_ReadAhead):
-    """
-    Reads a body's range on a lent NBD connection (see L{_ReadAhead}),
-    two requests in flight, so that the server's reading and the
-    transfer through the socket overlap the writer's sending.
-    """
-
-    buffers = 4
-
-    def __init__(self, conn, start: int, end: int):
-        self._conn = conn
-        super().__init__(start, end)
-
-    def _tryTake(self):
-        with self._cond:
-            if self._stopping:
-                raise _DirectReadsStopped()
-            return self._free.pop() if self._free else None
-
-    def _read(self) -> None:
-        conn = self._conn
-        pending: deque = deque()
-        offset = self._start
-        step = min(_DIRECT_CHUNK, conn.maxRequest)
-        while offset < self._end or pending:
-            if offset < self._end and len(pending) < 2:
-                buf = self._tryTake() if pending else self._take()
-                if buf is not None:
-                    n = min(self._end - offset, step)
-                    view = memoryview(buf)[:n]
-                    pending.append((conn.startRead(view, offset), buf, view,
-                                    n))
-                    offset += n
-                    continue
-            handle, buf, view, n = pending.popleft()
-            with view:
-                conn.finishRead(handle)
-            self._put((n, buf, 0))
-
-
-_directBuffers = _Buffers(_DIRECT_CHUNK + _ALIGN, keep=8)
