@@ -139,7 +139,7 @@ async def test_stalled_client_times_out(server, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_fallback_when_too_many_readers(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(bodyreader, "MAX_READERS", 0)
+    monkeypatch.setattr(bodyreader._slots, "limit", 0)
     size = 8 * MiB
     _, target = sparseFileTicket(server, tmp_path, "m1", size)
     data = os.urandom(size)

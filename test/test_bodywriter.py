@@ -162,7 +162,7 @@ async def test_tcp_memory_backend(tlsServer):
 async def test_fallback_when_too_many_writers(tlsServer, tmp_path,
                                               monkeypatch):
     data = fileTicket(tlsServer, tmp_path)
-    monkeypatch.setattr(bodywriter, "MAX_WRITERS", 0)
+    monkeypatch.setattr(bodywriter._slots, "limit", 0)
     before = SocketWriter.bodies
     results = await threads.deferToThread(
         sequence, UnixHTTPConnection(tlsServer.unixPath), "f1", data)

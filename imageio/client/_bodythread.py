@@ -59,11 +59,6 @@ IDLE_TIMEOUT = 60.0
 Seconds without a byte from the server before the thread gives up.
 """
 
-_CREDITS = 2
-"""
-Buffers read ahead of the reactor.
-"""
-
 _WAKE = 0.2
 """
 Seconds a blocked read waits before the thread looks at its stop flag.
@@ -74,8 +69,7 @@ _POOL_IDLE = 10.0
 Seconds an idle body thread waits for the next body before it exits.
 """
 
-_active = 0
-_activeLock = threading.Lock()
+_slots = handoff.Slots()
 
 
 class _Pool:
@@ -135,38 +129,24 @@ def running() -> int:
     """
     @return: how many reader threads own (or are taking) a connection now.
     """
-    return _active
+    return _slots.running
 
 
-class _Stopped(Exception):
-    pass
-
-
-class _BodyThread:
+class _BodyThread(handoff.BodyThread):
     """
-    What L{ResponseReader} and L{RequestWriter} share: stopping their
-    thread, and an abort or close of the transport while it owns the
-    connection.
+    What L{ResponseReader} and L{RequestWriter} add to the daemon's: the
+    connection went back once C{_done}.
     """
 
-    def _stopThread(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if not self._started:
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-                self._scheduled = None
-            if not self._done:
-                self._handBack()
-            return
-        # Wake the thread from a blocked read or write at once (rule 4).
-        self._sock.shutdown()
+    _done = False
+    slots = _slots
 
-    def _abortFromOutside(self) -> None:
-        # The body is not complete: a graceful close would wait for it.
-        self._abortAfter = True
-        self._stopThread()
+    def _ended(self) -> bool:
+        return self._done
+
+    def _handBack(self) -> None:
+        self._done = True
+        super()._handBack()
 
 
 class ResponseReader(_BodyThread):
@@ -178,32 +158,21 @@ class ResponseReader(_BodyThread):
 
     _log = Logger()
     bodies = 0
+    stopped = "Download from"
+    peer = "the server"
+    WAKE = _WAKE
 
     def __init__(self, reactor, tls, raw, conn, http11, parser, decoder):
-        self._reactor = reactor
-        self._tls = tls
-        self._raw = raw
-        self._conn = conn
+        super().__init__(reactor, tls, raw, conn)
         self._http11 = http11
         self._parser = parser
         self._decoder = decoder
-        self._cond = threading.Condition()
-        self._paused = False
-        self._credits = _CREDITS
-        self._stopping = False
-        self._abortAfter = False
-        self._started = False
-        self._done = False
-        self._sock = None
-        self._pendingOutput = b""
         self._remaining = 0
         # Rule 1: no reads from here on; the thread takes over on a clean
         # stack (this runs inside the response callback, inside the TLS
         # layer's dataReceived).
         raw.stopReading()
-        self._shadows = handoff.Shadows(
-            tls, raw, startReading=self._resume, stopReading=self._pause,
-            abort=self._abortFromOutside, lose=self._abortFromOutside)
+        self._shadow()
         self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
@@ -218,39 +187,22 @@ class ResponseReader(_BodyThread):
             Twisted's path: chunked, less than L{MIN_SIZE} left, a
             connection that cannot be taken, or a proxy already cut off.
         """
-        global _active
         proxy = getattr(producer, "transport", None)
-        tls = transport = compat.responseTransport(proxy)
+        transport = compat.responseTransport(proxy)
         if transport is None:
             return None
-        conn = None
         if isinstance(transport, TLSMemoryBIOProtocol):
-            conn = handoff.tlsConnection(transport)
-            if conn is None:
-                return None
             http11 = transport.wrappedProtocol
-            transport = transport.transport
         else:
             http11 = compat.unwrapProtocol(
                 getattr(transport, "protocol", None))
         parser = compat.responseParser(http11)
         decoder = getattr(parser, "bodyDecoder", None)
-        if not compat.identityDecoder(decoder):
+        if (not compat.identityDecoder(decoder)
+                or decoder.contentLength is None
+                or decoder.contentLength < MIN_SIZE):
             return None
-        remaining = decoder.contentLength
-        if (remaining is None or remaining < MIN_SIZE
-                or not hasattr(transport, "stopReading")
-                or not handoff.usable(transport)):
-            return None
-        with _activeLock:
-            _active += 1
-        try:
-            return cls(reactor, tls, transport, conn, http11, parser,
-                       decoder)
-        except BaseException:
-            with _activeLock:
-                _active -= 1
-            raise
+        return cls._create(reactor, transport, http11, parser, decoder)
 
     # In the reactor: the hand-off.
 
@@ -261,84 +213,45 @@ class ResponseReader(_BodyThread):
                 or compat.responseParser(self._http11) is not self._parser
                 or self._parser.bodyDecoder is not decoder
                 or not decoder.contentLength
-                or not handoff.usable(self._raw)
-                or (self._conn is not None and
-                    handoff.tlsConnection(self._tls) is not self._conn)):
+                or not self._stillOurs()):
             # The body ended (or the connection went) meanwhile.
             if not self._done:
                 self._handBack()
             return
         self._remaining = decoder.contentLength
-        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
-                                                 self._conn)
-        self._sock = handoff.ThreadSocket(self._raw.fileno())
-        self._started = True
+        self._take()
         ResponseReader.bodies += 1
         _pool.run(self._run)
 
     # The thread.
 
-    def _run(self) -> None:
-        error = None
-        sock = self._sock.sock
-        try:
-            handoff.setBlocking(sock, _WAKE)
-            if self._pendingOutput:
-                sock.sendall(self._pendingOutput)
-                self._pendingOutput = b""
-            receiver = handoff.Receiver(self._sock, self._conn, self._idle,
-                                        "the server")
-            remaining = self._remaining
-            while remaining:
-                with self._cond:
-                    while (self._paused or not self._credits) and \
-                            not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        raise _Stopped()
-                    self._credits -= 1
-                n = min(BUFFER_SIZE, remaining)
-                buf = bytearray(n)
-                receiver.fill(buf)
-                remaining -= n
-                if not remaining:
-                    # Twisted may read again as soon as the last buffer
-                    # is delivered.
-                    handoff.setNonBlocking(sock)
-                self._reactor.callFromThread(self._deliver, buf,
-                                             remaining == 0)
-        except _Stopped:
-            pass
-        except Exception as e:
-            # Without the frames, whose views of the buffer would keep it.
-            error = e.with_traceback(None)
-        finally:
-            handoff.setNonBlocking(sock)
-            self._sock.close()
-        if error is not None or self._stopping:
-            self._reactor.callFromThread(self._threadStopped, error)
+    def _read(self, fill) -> None:
+        remaining = self._remaining
+        while remaining:
+            self._waitCredit()
+            n = min(BUFFER_SIZE, remaining)
+            buf = bytearray(n)
+            fill(buf)
+            remaining -= n
+            if not remaining:
+                # Twisted may read again as soon as the last buffer is
+                # delivered.
+                handoff.setNonBlocking(self._sock.sock)
+            self._reactor.callFromThread(self._deliver, buf,
+                                         remaining == 0)
 
     def _idle(self, lastData: float) -> None:
         if self._stopping:
-            raise _Stopped()
+            raise handoff.Stopped()
         if time.monotonic() - lastData > IDLE_TIMEOUT:
             raise OSError(f"No data from the server for {IDLE_TIMEOUT:g} "
                           f"seconds")
 
     # Back in the reactor.
 
-    def _deliver(self, buf, last: bool) -> None:
-        if self._done:
-            return
-        if self._stopping:
-            # Dropped: the response is being given up.
-            if last:
-                self._threadStopped(None)
-            return
-        if last:
-            # The connection goes back before the body ends: ending it
-            # returns the connection to the pool, which may use it at once.
-            self._handBack()
+    def _feed(self, buf) -> bool:
+        # (Ending the body returns the connection to the pool, which may
+        # use it at once: it is Twisted's again before the last buffer.)
         try:
             self._decoder.dataReceived(buf)
         except BaseException:
@@ -346,53 +259,11 @@ class ResponseReader(_BodyThread):
             # error: the connection is of no use any more.
             self._log.failure("Response body delivery failed", Failure())
             self._tls.abortConnection()
-            return
-        if not last:
-            with self._cond:
-                self._credits += 1
-                self._cond.notify()
+            return False
+        return True
 
-    def _threadStopped(self, error) -> None:
-        if self._done:
-            return
-        self._handBack()
-        if error is not None:
-            self._log.info("Download from {peer} stopped: {error}",
-                           peer=str(self._raw.getPeer()), error=error)
-            # The response fails with the connection's loss.
-            if not self._abortAfter:
-                self._tls.abortConnection()
-
-    def _handBack(self) -> None:
-        global _active
-        with _activeLock:
-            _active -= 1
-        self._done = True
-        if self._started:
-            handoff.restoreConnection(self._tls, self._conn)
-        self._shadows.restore()
-        if self._abortAfter:
-            # Somebody closed the connection while the thread owned it.
-            self._tls.abortConnection()
-            return
-        if not self._paused:
-            self._raw.startReading()
-        if self._conn is not None and self._started:
-            # Ciphertext read past the body waits in OpenSSL: deliver it
-            # on a clean stack.
-            self._reactor.callLater(0, handoff.flushReceived, self._tls,
-                                    self._conn)
-
-    # Shadows of the transport's methods while the thread owns it.
-
-    def _pause(self) -> None:
-        with self._cond:
-            self._paused = True
-
-    def _resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify()
+    # On an error, the response fails with the connection's loss
+    # (_failed).
 
 
 
@@ -436,31 +307,19 @@ class RequestWriter(_BodyThread):
     bodies = 0
     early = 0
 
-    def __init__(self, reactor, stream, tls, raw, conn):
-        self._reactor = reactor
+    def __init__(self, reactor, tls, raw, conn, stream):
+        super().__init__(reactor, tls, raw, conn)
         self._stream = stream
-        self._tls = tls
-        self._raw = raw
-        self._conn = conn
-        self._cond = threading.Condition()
         self._queue: deque = deque()
         self._queued = 0
         self._producerPaused = False
         self._resumeScheduled = False
-        self._stopping = False
-        self._abortAfter = False
         self._broken = False
-        self._started = False
-        self._done = False
-        self._sock = None
-        self._pendingOutput = b""
         # Rule 1: no reads from here on (the answer comes after the body);
         # the thread takes over on a clean stack.
         raw.stopReading()
-        self._shadows = handoff.Shadows(
-            tls, raw, startReading=_ignore, stopReading=_ignore,
-            abort=self._abortFromOutside, lose=self._abortFromOutside,
-            write=self._write)
+        self._shadow(startReading=_ignore, stopReading=_ignore,
+                     write=self._write)
         self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
@@ -476,27 +335,10 @@ class RequestWriter(_BodyThread):
         @return: a L{RequestWriter}, or C{None} when the body stays on
             Twisted's path.
         """
-        global _active
-        tls = transport = compat.requestTransport(consumer)
+        transport = compat.requestTransport(consumer)
         if transport is None or stream.length - stream.written < MIN_SIZE:
             return None
-        conn = None
-        if isinstance(transport, TLSMemoryBIOProtocol):
-            conn = handoff.tlsConnection(transport)
-            if conn is None:
-                return None
-            transport = transport.transport
-        if (not hasattr(transport, "stopReading")
-                or not handoff.usable(transport)):
-            return None
-        with _activeLock:
-            _active += 1
-        try:
-            return cls(reactor, stream, tls, transport, conn)
-        except BaseException:
-            with _activeLock:
-                _active -= 1
-            raise
+        return cls._create(reactor, transport, stream)
 
     # In the reactor.
 
@@ -518,17 +360,11 @@ class RequestWriter(_BodyThread):
 
     def _handOff(self) -> None:
         self._scheduled = None
-        if (self._done or self._stopping
-                or not handoff.usable(self._raw)
-                or (self._conn is not None and
-                    handoff.tlsConnection(self._tls) is not self._conn)):
+        if self._done or self._stopping or not self._stillOurs():
             if not self._done:
                 self._handBack()
             return
-        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
-                                                 self._conn)
-        self._sock = handoff.ThreadSocket(self._raw.fileno())
-        self._started = True
+        self._take()
         RequestWriter.bodies += 1
         # Twisted's transport may have paused the body before it lost the
         # socket; it will not resume it now.
@@ -559,13 +395,9 @@ class RequestWriter(_BodyThread):
         self._handBack()
 
     def _handBack(self) -> None:
-        global _active
-        with _activeLock:
-            _active -= 1
+        self.slots.give()
         self._done = True
-        if self._started:
-            handoff.restoreConnection(self._tls, self._conn)
-        self._shadows.restore()
+        self._restoreTransport()
         with self._cond:
             left = [item for item in self._queue if item is not _END]
             self._queue.clear()
@@ -578,10 +410,7 @@ class RequestWriter(_BodyThread):
             # What the thread did not send goes through Twisted.
             for data in left:
                 self._tls.write(data)
-        self._raw.startReading()
-        if self._conn is not None and self._started:
-            self._reactor.callLater(0, handoff.flushReceived, self._tls,
-                                    self._conn)
+        self._resumeTransport()
         if paused:
             self._stream.resumeProducing()
 
@@ -590,7 +419,7 @@ class RequestWriter(_BodyThread):
 
     def _idle(self, last: float) -> None:
         if self._stopping:
-            raise _Stopped()
+            raise handoff.Stopped()
         if time.monotonic() - last > IDLE_TIMEOUT:
             raise _IdleTimeout(f"The server read nothing for "
                                f"{IDLE_TIMEOUT:g} seconds")
@@ -619,7 +448,7 @@ class RequestWriter(_BodyThread):
                         if not self._queue and sender.peerSpoke():
                             raise _PeerSpoke()
                     if self._stopping:
-                        raise _Stopped()
+                        raise handoff.Stopped()
                     item = self._queue[0]
                 if item is _END:
                     break
@@ -639,7 +468,7 @@ class RequestWriter(_BodyThread):
                     self._reactor.callFromThread(self._resume)
         except _PeerSpoke:
             RequestWriter.early += 1
-        except _Stopped:
+        except handoff.Stopped:
             pass
         except _IdleTimeout as e:
             error = e.with_traceback(None)

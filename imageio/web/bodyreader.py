@@ -38,14 +38,11 @@ fails if an upgrade changes it.
 
 from __future__ import annotations
 
-import socket
-import struct
 import threading
 import time
 from collections import deque
 
 from twisted.internet import defer
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from imageio import compat, transfer
 from imageio.errors import BackendError
@@ -81,36 +78,22 @@ reference's 8 MiB each, to keep the daemon under 200 MiB with 16
 transfers at once.
 """
 
-_CREDITS = 2
-"""
-Buffers read ahead of the reactor.
-"""
-
 _WAKE = 0.2
 """
 Seconds a blocked read waits before the thread looks at its stop flag.
 """
 
-_active = 0
-_activeLock = threading.Lock()
+_slots = handoff.Slots(MAX_READERS)
 
 
 def running() -> int:
     """
     @return: how many reader threads own (or are taking) a connection now.
     """
-    return _active
+    return _slots.running
 
 
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-
-
-class _Stopped(Exception):
-    pass
-
-
-class SocketReader:
+class SocketReader(handoff.BodyThread):
     """
     The reader of the rest of one request body, in a thread.
 
@@ -120,35 +103,32 @@ class SocketReader:
 
     _log = Logger()
     bodies = 0
+    slots = _slots
+    stopped = "Upload from"
+    peer = "the client"
+    WAKE = _WAKE
+    blockingWrites = False
 
-    def __init__(self, reactor, request, tls, raw, conn, decoder, timeout):
-        self._reactor = reactor
+    def __init__(self, reactor, tls, raw, conn, request, decoder, timeout):
+        super().__init__(reactor, tls, raw, conn)
         self._request = request
         self._channel = request.channel
         self._target = None
+        self._disk = None
         self._offset = 0
-        self._tls = tls
-        self._raw = raw
-        self._conn = conn
         self._decoder = decoder
         self._timeout = timeout
         self._remaining = 0
-        self._cond = threading.Condition()
-        self._paused = False
-        self._credits = _CREDITS
-        self._stopping = False
-        self._abortAfter = False
-        self._started = False
-        self._sock = None
-        self._pendingOutput = b""
-        self._shadows = None
         self._result = None
         self._waiters: list[defer.Deferred] = []
         self.active = True
         # Rule 1: no reads from here on, the thread takes over on a clean
-        # stack (this runs inside handleContentChunk).
+        # stack (this runs inside handleContentChunk). Twisted must not
+        # read the socket while the thread does: every way of starting or
+        # stopping its reads resumes or pauses the thread instead; output
+        # waits until the socket is handed back.
         raw.stopReading()
-        self._guard()
+        self._shadow()
         self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
@@ -163,40 +143,20 @@ class SocketReader:
             socket, a TLS connection that cannot be taken, or too many
             readers.
         """
-        global _active
         channel = request.channel
         if channel is None:
             return None
-        tls = transport = channel.transport
-        conn = None
-        if isinstance(transport, TLSMemoryBIOProtocol):
-            conn = handoff.tlsConnection(transport)
-            if conn is None:
-                return None
-            transport = transport.transport
         # A Content-Length body: the decoder counts the bytes still
         # expected in contentLength.
         decoder = compat.bodyDecoder(channel)
-        if not compat.identityDecoder(decoder):
+        if (not compat.identityDecoder(decoder)
+                or decoder.contentLength is None
+                or decoder.contentLength < MIN_SIZE):
             return None
-        remaining = decoder.contentLength
-        if (remaining is None or remaining < MIN_SIZE
-                or not hasattr(transport, "stopReading")
-                or not handoff.usable(transport)):
-            return None
-        with _activeLock:
-            if _active >= MAX_READERS:
-                return None
-            _active += 1
         if reactor is None:
             from twisted.internet import reactor
-        try:
-            return cls(reactor, request, tls, transport, conn, decoder,
-                       channel.timeOut)
-        except BaseException:
-            with _activeLock:
-                _active -= 1
-            raise
+        return cls._create(reactor, channel.transport, request, decoder,
+                           channel.timeOut)
 
     def stop(self) -> defer.Deferred:
         """
@@ -206,7 +166,9 @@ class SocketReader:
 
         @return: L{Deferred} firing once Twisted owns the socket again.
         """
-        self._stopThread()
+        # The thread sees it within _WAKE seconds (its receive timeout); a
+        # shutdown would wake it at once, but only an abort may do that.
+        self._stopThread(shutdown=self._abortAfter)
         return whenResult(self._result, self._waiters)
 
     def whenDone(self) -> defer.Deferred:
@@ -215,22 +177,8 @@ class SocketReader:
         """
         return whenResult(self._result, self._waiters)
 
-    def _stopThread(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if not self._started:
-            # Not handed off yet: nothing to wait for.
-            if self._scheduled is not None:
-                self._scheduled.cancel()
-                self._scheduled = None
-            if self._result is None:
-                self._handBack()
-            return
-        # The thread sees it within _WAKE seconds (its receive timeout);
-        # a shutdown wakes it at once, but only an abort may do that.
-        if self._abortAfter:
-            self._sock.shutdown()
+    def _ended(self) -> bool:
+        return self._result is not None
 
     def _handOff(self) -> None:
         """
@@ -242,9 +190,7 @@ class SocketReader:
         if (self._result is not None
                 or compat.bodyDecoder(channel) is not decoder
                 or not decoder.contentLength
-                or not handoff.usable(self._raw)
-                or (self._conn is not None and
-                    handoff.tlsConnection(self._tls) is not self._conn)):
+                or not self._stillOurs()):
             # The body ended (or the connection is going) meanwhile.
             if self._result is None:
                 self._handBack()
@@ -272,10 +218,7 @@ class SocketReader:
         direct = directTarget() if directTarget is not None else None
         if direct is not None:
             self._target, self._offset = direct
-        self._pendingOutput = handoff.takeOutput(self._tls, self._raw,
-                                                 self._conn)
-        self._sock = handoff.ThreadSocket(self._raw.fileno())
-        self._started = True
+        self._take()
         SocketReader.bodies += 1
         self._log.debug("Body from {peer} handed to a reader thread",
                         peer=str(self._raw.getPeer()))
@@ -289,76 +232,49 @@ class SocketReader:
 
     # The thread.
 
-    def _run(self) -> None:
-        error = None
-        disk = None
-        sock = self._sock.sock
-        try:
-            # Blocking reads that wait for a whole buffer (MSG_WAITALL on
-            # a plain socket): one system call and one GIL hand-off per
-            # buffer instead of one per ~48 KiB the socket has queued. The
-            # descriptor shares its flags and options with Twisted's: both
-            # are put back before the socket is handed back.
-            sock.setblocking(True)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            _timeval(_WAKE))
-            if self._pendingOutput:
-                sock.sendall(self._pendingOutput)
-                self._pendingOutput = b""
-            fill = handoff.Receiver(self._sock, self._conn, self._idle,
-                                    "the client").fill
-            if self._target is not None:
-                disk = _DiskWriter(self, self._target)
-            remaining = self._remaining
-            for size, direct in self._pieces():
-                while size:
-                    with self._cond:
-                        while (self._paused or not self._credits) and \
-                                not self._stopping:
-                            self._cond.wait()
-                        if self._stopping:
-                            raise _Stopped()
-                        self._credits -= 1
-                    n = min(DIRECT_SIZE if direct else BUFFER_SIZE, size)
-                    if direct:
-                        buf = disk.take()
-                        with memoryview(buf)[:n] as view:
-                            fill(view)
-                    else:
-                        buf = bytearray(n)
-                        fill(buf)
-                    size -= n
-                    remaining -= n
-                    if not remaining:
-                        # Twisted may read again as soon as the last
-                        # buffer is delivered.
-                        self._restore(sock)
-                    if disk is not None:
-                        # In stream order, after the writes before it.
-                        disk.put(buf, n, self._offset, direct,
-                                 remaining == 0)
-                    else:
-                        self._reactor.callFromThread(self._deliver, buf,
-                                                     remaining == 0)
-                    self._offset += n
-            if disk is not None:
-                disk.finish()
-        except _Stopped:
-            pass
-        except Exception as e:
-            # Without the frames, whose views of the buffer would keep it
-            # from closing.
-            error = e.with_traceback(None)
-        finally:
-            self._restore(sock)
-            self._sock.close()
-            if disk is not None:
-                # Nothing is written once the thread reports.
-                error = disk.stop() or error
-            if self._target is not None:
-                self._target.close()
-        if error is not None or self._stopping:
-            self._reactor.callFromThread(self._threadStopped, error)
+    # Blocking reads that wait for a whole buffer (MSG_WAITALL on a plain
+    # socket): one system call and one GIL hand-off per buffer instead of
+    # one per ~48 KiB the socket has queued (see handoff.BodyThread._run).
+
+    def _read(self, fill) -> None:
+        if self._target is not None:
+            self._disk = _DiskWriter(self, self._target)
+        disk = self._disk
+        remaining = self._remaining
+        for size, direct in self._pieces():
+            while size:
+                self._waitCredit()
+                n = min(DIRECT_SIZE if direct else BUFFER_SIZE, size)
+                if direct:
+                    buf = disk.take()
+                    with memoryview(buf)[:n] as view:
+                        fill(view)
+                else:
+                    buf = bytearray(n)
+                    fill(buf)
+                size -= n
+                remaining -= n
+                if not remaining:
+                    # Twisted may read again as soon as the last buffer
+                    # is delivered.
+                    handoff.setNonBlocking(self._sock.sock)
+                if disk is not None:
+                    # In stream order, after the writes before it.
+                    disk.put(buf, n, self._offset, direct, remaining == 0)
+                else:
+                    self._reactor.callFromThread(self._deliver, buf,
+                                                 remaining == 0)
+                self._offset += n
+        if disk is not None:
+            disk.finish()
+
+    def _cleanUp(self, error):
+        if self._disk is not None:
+            # Nothing is written once the thread reports.
+            error = self._disk.stop() or error
+        if self._target is not None:
+            self._target.close()
+        return error
 
     def _pieces(self):
         """
@@ -376,114 +292,39 @@ class SocketReader:
         return [(head, False), (blocks, True),
                 (remaining - head - blocks, False)]
 
-    @staticmethod
-    def _restore(sock) -> None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                            _timeval(0))
-            sock.setblocking(False)
-        except OSError:
-            pass
-
     def _idle(self, lastData: float) -> None:
         if self._stopping:
-            raise _Stopped()
+            raise handoff.Stopped()
         if self._timeout and time.monotonic() - lastData > self._timeout:
             raise OSError(f"No data from the client for "
                           f"{self._timeout} seconds")
 
     # Back in the reactor.
 
-    def _deliver(self, buf, last: bool) -> None:
-        if self._result is not None:
-            return
-        if self._stopping:
-            # Dropped: the body is being refused. The thread ended without
-            # a report if this was its last buffer.
-            if last:
-                self._threadStopped(None)
-            return
-        if last:
-            # The socket goes back before the body ends: ending it makes
-            # the channel pause the transport and, after the response,
-            # resume it; those must reach Twisted.
-            self._handBack()
+    def _feed(self, buf) -> bool:
+        # (Ending the body makes the channel pause the transport and,
+        # after the response, resume it: the socket is Twisted's again
+        # before the last buffer.)
         self._channel.resetTimeout()
         self._decoder.dataReceived(buf)
-        if not last:
-            with self._cond:
-                self._credits += 1
-                self._cond.notify()
+        return True
 
-    def _threadStopped(self, error) -> None:
-        if self._result is not None:
-            return
-        self._handBack()
+    def _failed(self, error) -> None:
         if isinstance(error, BackendError):
             # Writing the file failed: answered as the sink's failures are.
             self._log.info("Upload from {peer} stopped: {error}",
                            peer=str(self._raw.getPeer()), error=error)
             self._request.bodyFailed(error)
             return
-        if error is not None:
-            self._log.info("Upload from {peer} stopped: {error}",
-                           peer=str(self._raw.getPeer()), error=error)
-            if not self._abortAfter:
-                self._tls.abortConnection()
+        super()._failed(error)
 
     def _handBack(self) -> None:
-        global _active
-        with _activeLock:
-            _active -= 1
+        # Bytes the thread read past the body (a pipelined request) are
+        # delivered too.
         self.active = False
-        self._unguard()
-        if self._abortAfter:
-            # Somebody closed the connection while the thread owned it.
-            self._tls.abortConnection()
-        else:
-            if not self._paused:
-                self._raw.startReading()
-            if self._conn is not None and self._started:
-                # Bytes the thread read past the body (a pipelined
-                # request) wait in OpenSSL: deliver them on a clean stack.
-                self._reactor.callLater(0, handoff.flushReceived,
-                                        self._tls, self._conn)
+        super()._handBack()
         self._result = True
         fireWaiters(self._waiters, True)
-
-    # Guarding the transport while the thread owns the socket.
-
-    def _guard(self) -> None:
-        # Twisted must not read the socket while the thread does: every
-        # way of starting or stopping its reads resumes or pauses the
-        # thread instead; output waits until the socket is handed back.
-        self._shadows = handoff.Shadows(
-            self._tls, self._raw, startReading=self._resume,
-            stopReading=self._pause, abort=self._abortFromOutside,
-            lose=self._loseFromOutside)
-
-    def _unguard(self) -> None:
-        if self._started:
-            handoff.restoreConnection(self._tls, self._conn)
-        self._shadows.restore()
-
-    def _pause(self) -> None:
-        with self._cond:
-            self._paused = True
-
-    def _resume(self) -> None:
-        with self._cond:
-            self._paused = False
-            self._cond.notify()
-
-    def _abortFromOutside(self) -> None:
-        self._abortAfter = True
-        self._stopThread()
-
-    def _loseFromOutside(self) -> None:
-        # The body is not complete: a graceful close would wait for it.
-        self._abortAfter = True
-        self._stopThread()
 
 
 class _DiskWriter:
@@ -499,7 +340,8 @@ class _DiskWriter:
         self._reader = reader
         self._target = target
         self._cond = threading.Condition()
-        self._free = [target.buffer(DIRECT_SIZE) for _ in range(_CREDITS)]
+        self._free = [target.buffer(DIRECT_SIZE)
+                      for _ in range(SocketReader.CREDITS)]
         self._all = list(self._free)
         self._queue: deque = deque()
         self._stopping = False

@@ -37,7 +37,6 @@ import threading
 from collections import deque
 
 from twisted.internet import defer, interfaces
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -109,8 +108,7 @@ behind the cursor.
 """
 
 _END = object()
-_active = 0
-_activeLock = threading.Lock()
+_slots = handoff.Slots(MAX_WRITERS)
 
 
 _buffers = readahead.Buffers(_SEND_SIZE + _TLS_SLACK)
@@ -125,7 +123,7 @@ def running() -> int:
     """
     @return: how many writer threads own a connection now.
     """
-    return _active
+    return _slots.running
 
 
 class FileRegion(Region):
@@ -310,26 +308,15 @@ class SocketWriter:
             Twisted's path: small, not HTTP/1.x over a socket, a TLS
             connection still handshaking, or too many writers running.
         """
-        global _active
         if size < MIN_SIZE or request.channel is None:
             return None
-        transport = request.channel.transport
-        conn = None
-        raw = transport
-        if isinstance(transport, TLSMemoryBIOProtocol):
-            conn = handoff.tlsConnection(transport)
-            if conn is None:
-                return None
-            raw = transport.transport
-        if not handoff.usable(raw):
+        parts = handoff.split(request.channel.transport)
+        if parts is None or not _slots.take():
             return None
-        with _activeLock:
-            if _active >= MAX_WRITERS:
-                return None
-            _active += 1
+        tls, raw, conn = parts
         if reactor is None:
             from twisted.internet import reactor
-        return cls(reactor, request, size, raw, transport, conn)
+        return cls(reactor, request, size, raw, tls, conn)
 
     def _handOff(self) -> None:
         """
@@ -374,12 +361,10 @@ class SocketWriter:
 
     def _release(self, result) -> None:
         # Never started: give the slot and the file descriptors back.
-        global _active
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        with _activeLock:
-            _active -= 1
+        _slots.give()
         fds, self._regionFds = self._regionFds, []
         for fd in fds:
             os.close(fd)
@@ -785,9 +770,7 @@ class SocketWriter:
     # Back in the reactor.
 
     def _threadDone(self, error) -> None:
-        global _active
-        with _activeLock:
-            _active -= 1
+        _slots.give()
         self._unguard()
         if error is not None:
             self.failed = Failure(error)

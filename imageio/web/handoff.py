@@ -42,15 +42,17 @@ import threading
 import time
 
 from OpenSSL import SSL
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from imageio import compat
 from imageio.compat import ffi, lib
 from imageio.logs import Logger
 
 __all__ = ["Guard", "GuardTripped", "Shadows", "ThreadSocket", "tlsConnection",
-           "usable", "takeOutput", "restoreConnection", "flushReceived",
-           "pending", "clearPending", "Receiver", "Sender", "setBlocking",
-           "setNonBlocking", "ffi", "lib"]
+           "usable", "split", "takeOutput", "restoreConnection",
+           "flushReceived", "pending", "clearPending", "Receiver", "Sender",
+           "setBlocking", "setNonBlocking", "Slots", "Stopped", "BodyThread",
+           "ffi", "lib"]
 
 _DRAIN_SIZE = 1024 * 1024
 
@@ -232,6 +234,26 @@ def usable(raw) -> bool:
     return (pending(raw) is not None and hasattr(raw, "fileno")
             and not getattr(raw, "disconnecting", True)
             and getattr(raw, "connected", False))
+
+
+def split(transport):
+    """
+    The parts of a connection a thread may take over: C{(tls, raw, conn)}
+    with C{tls} the transport the protocol writes to (the TLS layer, or
+    the socket itself), C{raw} the socket transport and C{conn} the
+    pyOpenSSL Connection (C{None} on a plain socket); or C{None} when it
+    cannot be taken (still handshaking, closing, not a socket).
+    """
+    tls = raw = transport
+    conn = None
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        conn = tlsConnection(transport)
+        if conn is None:
+            return None
+        raw = transport.transport
+    if not hasattr(raw, "stopReading") or not usable(raw):
+        return None
+    return tls, raw, conn
 
 
 def takeOutput(tls, raw, conn) -> bytes:
@@ -467,15 +489,19 @@ class Sender:
             lib.SSL_ERROR_WANT_READ, lib.SSL_ERROR_WANT_WRITE)
 
 
-def setBlocking(sock: socket.socket, wake: float) -> None:
+def setBlocking(sock: socket.socket, wake: float,
+                writes: bool = True) -> None:
     """
-    Make a thread's duplicate blocking, reads and writes waking every
-    C{wake} seconds. The descriptor shares its flags and options with Twisted's:
-    L{setNonBlocking} puts them back before the socket is handed back.
+    Make a thread's duplicate blocking, reads (and C{writes}) waking every
+    C{wake} seconds. The descriptor shares its flags and options with
+    Twisted's: L{setNonBlocking} puts them back before the socket is
+    handed back.
     """
     sock.setblocking(True)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wake))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(wake))
+    if writes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        _timeval(wake))
 
 
 def setNonBlocking(sock: socket.socket) -> None:
@@ -512,3 +538,322 @@ def flushReceived(tls, conn) -> None:
     if (compat.currentConnection(tls) is conn
             and not compat.tlsLost(tls)):
         compat.flushReceiveBIO(tls)
+
+
+class Slots:
+    """
+    How many bodies one kind of thread owns at once, with an optional
+    limit (beyond it, bodies take Twisted's path).
+    """
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """
+        @return: whether a slot was free (and is now taken).
+        """
+        with self._lock:
+            if self.limit is not None and self.running >= self.limit:
+                return False
+            self.running += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+
+class Stopped(Exception):
+    """
+    A body thread was asked to stop (raised in the thread).
+    """
+
+
+class BodyThread:
+    """
+    One body moved by a thread on a connection taken from Twisted: what
+    the daemon's request body reader and the client's response reader and
+    request writer share. The subclass runs the thread (C{_run}) and
+    decides when the connection goes back (C{_handBack}, which calls
+    L{_restoreTransport} and L{_resumeTransport}).
+
+    In the reactor: L{_shadow} puts the transport's shadows in place
+    (rule 6), L{_take} takes the connection (rule 2), L{_stopThread} and
+    L{_abortFromOutside} stop the thread. In the thread, readers wait for
+    a credit (L{_waitCredit}) before each buffer they fill; the reactor
+    gives it back once the buffer is delivered (L{_giveCredit}).
+
+    @cvar CREDITS: buffers a reader fills ahead of the reactor.
+    @cvar slots: the L{Slots} of the subclass's kind of thread.
+    @cvar stopped: how the log names a body whose thread failed
+        ("Upload from").
+    @cvar peer: who is at the other end, for errors ("the client").
+    @cvar WAKE: seconds a blocked read (or write, with C{blockingWrites})
+        waits before the thread looks at its stop flag.
+    """
+
+    CREDITS = 2
+    slots: Slots
+    stopped = "Body of"
+    peer = "the peer"
+    WAKE = 0.2
+    blockingWrites = True
+    _log = Logger()
+
+    def __init__(self, reactor, tls, raw, conn):
+        self._reactor = reactor
+        self._tls = tls
+        self._raw = raw
+        self._conn = conn
+        self._cond = threading.Condition()
+        self._paused = False
+        self._credits = self.CREDITS
+        self._stopping = False
+        self._abortAfter = False
+        self._started = False
+        self._scheduled = None
+        self._sock = None
+        self._pendingOutput = b""
+        self._shadows = None
+
+    @classmethod
+    def _create(cls, reactor, transport, *args):
+        """
+        Make one for C{transport}'s connection if it can be taken and a
+        slot is free: C{cls(reactor, tls, raw, conn, *args)}, or C{None}.
+        """
+        parts = split(transport)
+        if parts is None or not cls.slots.take():
+            return None
+        try:
+            return cls(reactor, *parts, *args)
+        except BaseException:
+            cls.slots.give()
+            raise
+
+    def _ended(self) -> bool:
+        """
+        Whether the connection went back already.
+        """
+        raise NotImplementedError()
+
+    def _handBack(self) -> None:
+        """
+        Give the connection back to Twisted (in the reactor, once): the
+        slot freed, the transport restored, then aborted if somebody
+        closed it meanwhile, else read again.
+        """
+        self.slots.give()
+        self._restoreTransport()
+        if self._abortAfter:
+            self._tls.abortConnection()
+        else:
+            self._resumeTransport()
+
+    # In the reactor.
+
+    def _shadow(self, **kw) -> None:
+        """
+        Shadow the transport's methods (L{Shadows}): by default starting
+        and stopping reads resume and pause the thread, closing and
+        aborting stop it and abort the connection once it is back.
+        """
+        kw.setdefault("startReading", self._resume)
+        kw.setdefault("stopReading", self._pause)
+        self._shadows = Shadows(self._tls, self._raw,
+                                abort=self._abortFromOutside,
+                                lose=self._abortFromOutside, **kw)
+
+    def _stillOurs(self) -> bool:
+        """
+        Whether the connection can still be taken (on the turn after the
+        decision: it may have closed meanwhile).
+        """
+        return usable(self._raw) and (
+            self._conn is None or tlsConnection(self._tls) is self._conn)
+
+    def _take(self) -> None:
+        """
+        Take the connection for the thread (rule 2).
+        """
+        self._pendingOutput = takeOutput(self._tls, self._raw, self._conn)
+        self._sock = ThreadSocket(self._raw.fileno())
+        self._started = True
+
+    def _restoreTransport(self) -> None:
+        """
+        Give the TLS layer its Connection and the transport its methods
+        back (rule 5).
+        """
+        if self._started:
+            restoreConnection(self._tls, self._conn)
+        self._shadows.restore()
+
+    def _resumeTransport(self) -> None:
+        """
+        Let Twisted read again (unless paused meanwhile) and deliver what
+        the thread left in OpenSSL, on a clean stack.
+        """
+        if not self._paused:
+            self._raw.startReading()
+        if self._conn is not None and self._started:
+            self._reactor.callLater(0, flushReceived, self._tls,
+                                    self._conn)
+
+    def _stopThread(self, shutdown: bool = True) -> None:
+        """
+        Ask the thread to stop; before the hand-off, give the connection
+        back at once.
+
+        @param shutdown: wake the thread from a blocked read or write at
+            once (rule 4), failing it; otherwise it sees the request
+            within its wake interval.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if not self._started:
+            if self._scheduled is not None:
+                self._scheduled.cancel()
+                self._scheduled = None
+            if not self._ended():
+                self._handBack()
+            return
+        if shutdown:
+            self._sock.shutdown()
+
+    def _abortFromOutside(self) -> None:
+        # Somebody closes or aborts the transport while the thread owns
+        # it: the body will not complete (a graceful close would wait for
+        # it). Stop the thread; the connection is aborted once it is back.
+        self._abortAfter = True
+        self._stopThread()
+
+    def _pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def _resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify()
+
+    def _giveCredit(self) -> None:
+        with self._cond:
+            self._credits += 1
+            self._cond.notify()
+
+    def _deliver(self, buf, last: bool) -> None:
+        """
+        A buffer a reader thread filled, in the reactor: fed to Twisted as
+        if Twisted had read it (L{_feed}), and its credit given back.
+        """
+        if self._ended():
+            return
+        if self._stopping:
+            # Dropped: the body is being given up. The thread ended
+            # without a report if this was its last buffer.
+            if last:
+                self._threadStopped(None)
+            return
+        if last:
+            # The connection goes back before the body ends: ending it
+            # may let Twisted use the connection at once.
+            self._handBack()
+        if self._feed(buf) and not last:
+            self._giveCredit()
+
+    def _feed(self, buf) -> bool:
+        """
+        Give C{buf} to Twisted's body decoder.
+
+        @return: whether the reader goes on.
+        """
+        raise NotImplementedError()
+
+    def _threadStopped(self, error) -> None:
+        """
+        The thread ended early (stopped, or C{error}): the connection goes
+        back, and an error aborts it.
+        """
+        if self._ended():
+            return
+        self._handBack()
+        if error is not None:
+            self._failed(error)
+
+    def _failed(self, error) -> None:
+        self._log.info("{what} {peer} stopped: {error}", what=self.stopped,
+                       peer=str(self._raw.getPeer()), error=error)
+        if not self._abortAfter:
+            self._tls.abortConnection()
+
+    # In the thread.
+
+    def _waitCredit(self) -> None:
+        """
+        Wait until the reactor is not paused and a buffer may be filled.
+
+        @raise Stopped: the thread is asked to stop.
+        """
+        with self._cond:
+            while (self._paused or not self._credits) and \
+                    not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                raise Stopped()
+            self._credits -= 1
+
+    def _run(self) -> None:
+        """
+        A reader's thread: the socket made blocking, what Twisted had not
+        sent sent, the body read (L{_read}), the socket handed back; the
+        reactor hears of an early end (L{_threadStopped}).
+        """
+        error = None
+        sock = self._sock.sock
+        try:
+            setBlocking(sock, self.WAKE, writes=self.blockingWrites)
+            self._sendPending()
+            self._read(Receiver(self._sock, self._conn, self._idle,
+                                self.peer).fill)
+        except Stopped:
+            pass
+        except Exception as e:
+            # Without the frames, whose views of a buffer would keep it
+            # from closing.
+            error = e.with_traceback(None)
+        finally:
+            setNonBlocking(sock)
+            self._sock.close()
+            error = self._cleanUp(error)
+        if error is not None or self._stopping:
+            self._reactor.callFromThread(self._threadStopped, error)
+
+    def _read(self, fill) -> None:
+        """
+        Read the body with C{fill(buffer)} (in the thread).
+        """
+        raise NotImplementedError()
+
+    def _cleanUp(self, error):
+        """
+        After the thread's last read, before it reports.
+
+        @return: the error to report.
+        """
+        return error
+
+    def _idle(self, lastData: float) -> None:
+        raise NotImplementedError()
+
+    def _sendPending(self) -> None:
+        """
+        Send what Twisted had not sent when the connection was taken.
+        """
+        if self._pendingOutput:
+            self._sock.sock.sendall(self._pendingOutput)
+            self._pendingOutput = b""
