@@ -35,6 +35,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.abilities import (
+    IPageCacheFreeSource, IThreadTarget, IVectoredWrite, IZeroSteps)
 from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
@@ -366,7 +368,8 @@ def _probeBlockSize(fd: int) -> int | None:
     return None
 
 
-@implementer(IBackend)
+@implementer(IBackend, IVectoredWrite, IZeroSteps, IThreadTarget,
+             IPageCacheFreeSource)
 class FileBackend:
     """
     A regular file or block device, read and written from a thread pool.

@@ -15,6 +15,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.abilities import (
+    IPieceReads, IPipelined, IThreadSource, IThreadTarget)
 from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
@@ -206,7 +208,7 @@ class ThreadSource:
         self._client.giveBack(self.conn.broken or self.conn.inFlight > 0)
 
 
-@implementer(IBackend)
+@implementer(IBackend, IPipelined, IPieceReads, IThreadSource, IThreadTarget)
 class NBDBackend:
     """
     An L{IBackend} over one NBD connection.
@@ -216,6 +218,8 @@ class NBDBackend:
 
     _log = Logger()
     name = "nbd"
+    readDepth = 4
+    writeDepth = 4
 
     def __init__(self, client: nbd.NBDClient, *, mode: str = "r",
                  sparse: bool = False, dirty: bool = False,

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio import compat
+from imageio.abilities import IPageCacheFreeSource, IThreadSource
 from imageio.compat import ffi as _ffi, lib as _lib
 from imageio.logs import Logger
 from imageio.protocols.nbd import NBDError
@@ -385,15 +386,14 @@ class SocketWriter:
         at all, the reads run ahead of the sending, and the pages read are
         dropped from the page cache behind it.
         """
-        if getattr(backend, "threadSource", None) is not None:
+        if IThreadSource.providedBy(backend):
             # An nbd backend: after the first read its connection is the
             # thread's until the body is sent.
             self._highWater = REGION_HIGH_WATER
             return _NBDRegions(self, backend)
-        reopen = getattr(backend, "pageCacheSource", None)
-        if reopen is None:
+        if not IPageCacheFreeSource.providedBy(backend):
             return backend
-        fd = reopen()
+        fd = backend.pageCacheSource()
         if fd is None:
             return backend
         self._regionFds.append(fd)
@@ -401,9 +401,8 @@ class SocketWriter:
         # Where the backend found O_DIRECT to work, the thread reads with
         # it too: the page cache work of buffered reads (read ahead, copy,
         # drop) cost 0.5 s of CPU per GiB.
-        self._wantDirect = (getattr(backend, "direct", False) and
-                            getattr(backend, "blockSize", readahead.ALIGN)
-                            <= readahead.ALIGN)
+        self._wantDirect = (backend.direct
+                            and backend.blockSize <= readahead.ALIGN)
         return _Regions(backend, fd)
 
     def _lend(self, backend) -> bool:
