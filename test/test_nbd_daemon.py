@@ -650,10 +650,13 @@ def test_thread_upload_keep_alive(daemon, servers, workdir, transport):
     removeTicket(daemon, tid)
 
 
-def test_thread_upload_write_error(daemon, servers, workdir):
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_thread_upload_write_error(daemon, servers, workdir, transport):
     # The server starts failing writes once the thread owns the
     # connection: the thread's write gets the error reply, the client
-    # gets 500 and the connection closes; the daemon keeps serving.
+    # gets 500 while it is still sending (the lingering close: no reset
+    # destroys the answer) and the connection closes; the daemon keeps
+    # serving.
     size = 64 * MiB
     trigger = os.path.join(workdir, "fail-writes")
     _, sock = servers.nbdkit("--filter=error", "memory", str(size),
@@ -661,9 +664,7 @@ def test_thread_upload_write_error(daemon, servers, workdir):
                              f"error-pwrite-file={trigger}")
     tid = addTicket(daemon, nbdURL(sock), size)
     lent = lentCount(daemon)
-    # On the unix socket: over TCP the early answer can be lost to the
-    # reset that closing with unread input sends (no lingering close yet).
-    s = localSocket(daemon)
+    s = localSocket(daemon) if transport == "unix" else tlsSocket(daemon)
     try:
         s.sendall(f"PUT /images/{tid} HTTP/1.1\r\nHost: x\r\n"
                   f"Content-Length: {16 * MiB}\r\n\r\n".encode()
