@@ -131,7 +131,7 @@ def _policy(cafile: str | None, secure: bool):
     if not secure:
         return _UnverifiedPolicy()
     try:
-        root = http_backend._trustRoot(cafile or "")
+        root = http_backend.trustRoot(cafile or "")
     except BackendError as e:
         raise TransferError(str(e)) from None
     return BrowserLikePolicyForHTTPS(trustRoot=root)
