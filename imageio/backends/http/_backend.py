@@ -625,9 +625,8 @@ class HTTPBackend:
 
         @return: C{(stream, done)}: an L{UploadStream} and a L{Deferred}.
         """
-        stream = UploadStream(offset, length, producer=producer,
+        stream = UploadStream(self, offset, length, producer=producer,
                               operation=operation, flush=flush)
-        stream._attach(self)
         return stream, stream.whenDone()
 
     def _startUpload(self, stream: UploadStream) -> None:

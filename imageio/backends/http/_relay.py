@@ -13,7 +13,6 @@ upstream request, with backpressure end to end.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -27,9 +26,7 @@ from zope.interface import implementer
 from imageio.backends.http._upstream import (
     SMALL_BODY_LIMIT, DropBody, readBody)
 from imageio.errors import BackendError, BadRequest
-from imageio.logs import Logger
-from imageio.transfer import (
-    LimitExceeded, ProducerStopped, fireWaiters, whenResult)
+from imageio.transfer import ProducerStopped, UploadSink, _operationOK
 from imageio.units import KiB, MiB
 
 if TYPE_CHECKING:
@@ -66,13 +63,8 @@ def uploadStream(backend, offset: int, length: int, *, producer=None,
         its error.
     @return: the L{UploadStream}; its C{whenDone()} reports the outcome.
     """
-    stream = UploadStream(offset, length, producer=producer,
-                          operation=operation, flush=flush)
-    if isinstance(backend, defer.Deferred):
-        backend.addCallbacks(stream._attach, stream._openFailed)
-    else:
-        stream._attach(backend)
-    return stream
+    return UploadStream(backend, offset, length, producer=producer,
+                        operation=operation, flush=flush)
 
 
 @implementer(IPushProducer)
@@ -206,14 +198,21 @@ class _StreamTo(Protocol):
 
 
 @implementer(IBodyProducer)
-class UploadStream:
+class UploadStream(UploadSink):
     """
     The body of one upstream C{PUT}, fed by the caller (see
     L{HTTPBackend.writeFrom} for the contract).
 
-    It is the upstream request's L{IBodyProducer}: the upstream connection
-    calls L{pauseProducing}/L{resumeProducing}, which are forwarded to the
-    producer of the incoming bytes (the client's socket).
+    The caller's side is the L{UploadSink}'s (L{write}, L{finish},
+    L{abort}, L{whenDone}, L{failed}), with C{limit} the announced length
+    and the backend possibly still opening; bytes that come before the
+    upstream request is ready are buffered there, pausing the producer at
+    L{UPLOAD_HIGH_WATER}. Unlike a sink, the stream does not write to the
+    backend: it is the upstream request's L{IBodyProducer}, so bytes go
+    straight to the upstream connection, which calls
+    L{pauseProducing}/L{resumeProducing}; they are forwarded to the
+    producer of the incoming bytes (the client's socket). The operation is
+    checked on every L{write}.
 
     @ivar length: the body length announced upstream.
     @ivar received: bytes given to L{write}.
@@ -226,33 +225,27 @@ class UploadStream:
         (C{_gatheredSize}).
     """
 
-    _log = Logger()
-
-    def __init__(self, offset: int, length: int, *, producer=None,
-                 operation=None, flush: bool = False):
+    def __init__(self, backend, offset: int, length: int, *,
+                 producer=None, operation=None, flush: bool = False):
+        """
+        @param backend: the L{HTTPBackend}, or a L{Deferred} firing with
+            it; the upstream request starts once it is known.
+        """
+        # Set before the sink attaches the backend: the upstream request
+        # may start (and call startProducing) at once.
         self.offset = offset
         self.length = length
         self.flush = flush
-        self.backend = None
-        self.received = 0
-        self.written = 0
-        self.maxPending = 0
         self.pauses = 0
-        self._producer = producer
-        self._operation = operation
         self._consumer = None
-        self._pending: deque = deque()
-        self._buffered = 0
         self._gathered: list[bytes] = []
         self._gatheredSize = 0
         self._upstreamPaused = False
         self._upstreamGone = False
-        self._ended = False
         self._bodyDone: defer.Deferred | None = None
         self._request: defer.Deferred | None = None
-        self._failure: Failure | None = None
-        self._result = None
-        self._waiters: list[defer.Deferred] = []
+        super().__init__(backend, offset, limit=length, operation=operation,
+                         producer=producer, highWater=UPLOAD_HIGH_WATER)
         if length <= 0:
             self._result = 0
 
@@ -260,12 +253,10 @@ class UploadStream:
         if self.backend is not None:
             raise RuntimeError("The stream is attached already")
         self.backend = backend
-        if self._failure is not None or self._result is not None:
+        if (self._failure is not None or self._result is not None
+                or self.length <= 0):
             return
         backend._startUpload(self)
-
-    def _openFailed(self, failure: Failure) -> None:
-        self._fail(failure)
 
     # The caller's side.
 
@@ -276,7 +267,7 @@ class UploadStream:
         if not streaming:
             raise ValueError("UploadStream needs a streaming producer")
         self._producer = producer
-        if self._upstreamPaused or self._buffered >= UPLOAD_HIGH_WATER:
+        if self._upstreamPaused or self._buffered >= self._highWater:
             producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
@@ -287,28 +278,11 @@ class UploadStream:
         Take the next piece of the body. Never blocks; may pause the
         producer.
         """
-        if self._failure is not None or self._result is not None:
+        n = self._admit(data)
+        if not n or not _operationOK(self._operation, self._fail):
             return
-        n = len(data)
-        if not n:
-            return
-        if self.received + n > self.length:
-            self.received += n
-            self._fail(Failure(LimitExceeded(self.length)))
-            return
-        if self._operation is not None:
-            try:
-                self._operation.check()
-            except Exception:
-                self._fail(Failure())
-                return
-        self.received += n
-        if self._consumer is None or self._pending:
-            self._pending.append(data)
-            self._buffered += n
-            self.maxPending = max(self.maxPending, self._buffered)
-            if self._buffered >= UPLOAD_HIGH_WATER:
-                self._pauseProducer()
+        if self._consumer is None or self._chunks:
+            self._buffer(data, n)
         else:
             self._gather(data)
         if self._upstreamPaused:
@@ -326,29 +300,17 @@ class UploadStream:
                 f"Expected {self.length} bytes, received {self.received} "
                 f"bytes")))
 
-    def abort(self, reason=None) -> None:
-        """
-        The incoming stream broke: abort the upstream request and fail.
-        """
-        if self._failure is not None or self._result is not None:
-            return
-        if reason is None:
-            reason = Failure(ProducerStopped("The upload stream was aborted"))
-        elif not isinstance(reason, Failure):
-            reason = Failure(reason)
-        self._producer = None
-        self._fail(reason)
+    # No body thread writes a proxy upload to its backend (see
+    # UploadSink.directTarget): nothing to wait for.
 
-    def whenDone(self) -> defer.Deferred[int]:
-        """
-        @return: a new L{Deferred} firing with C{length} once the remote
-            accepted the whole body, or failing with the first error.
-        """
-        return whenResult(self._result, self._waiters)
+    def whenAttached(self) -> defer.Deferred:
+        return defer.succeed(None)
 
-    @property
-    def failed(self) -> bool:
-        return self._failure is not None
+    def drain(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    def directTarget(self):
+        return None
 
     # IBodyProducer: the upstream connection's side.
 
@@ -356,12 +318,12 @@ class UploadStream:
         self._consumer = consumer
         self._bodyDone = defer.Deferred(lambda d: self.stopProducing())
         done = self._bodyDone
-        while self._pending and self._failure is None:
-            data = self._pending.popleft()
+        while self._chunks and self._failure is None:
+            data = self._chunks.popleft()
             self._buffered -= len(data)
             self._send(data)
         if (self._failure is None and not self._upstreamPaused
-                and self._buffered < UPLOAD_HIGH_WATER
+                and self._buffered < self._highWater
                 and self._producer is not None):
             self._producer.resumeProducing()
         return done
@@ -446,22 +408,16 @@ class UploadStream:
             self._notify()
 
     def _fail(self, failure: Failure) -> None:
+        # Once: a stream that succeeded stays so.
         if self._failure is not None or self._result is not None:
             return
-        self._failure = failure
-        self._pending.clear()
-        self._buffered = 0
         self._gathered = []
         self._gatheredSize = 0
+        super()._fail(failure)
+
+    def _settle(self) -> None:
         request, self._request = self._request, None
         if request is not None and not request.called:
             # Stop sending upstream; the remote sees a truncated body.
             request.cancel()
-        self._result = failure
-        if self._producer is not None:
-            # Let the caller drain or close the client connection.
-            self._producer.resumeProducing()
-        self._notify()
-
-    def _notify(self) -> None:
-        fireWaiters(self._waiters, self._result)
+        super()._settle()
