@@ -25,8 +25,7 @@ import treq
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator, IPushProducer)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
@@ -291,29 +290,6 @@ class _Operation:
             self._progress.update(n)
 
 
-@implementer(IPushProducer)
-class _Relay:
-    """
-    Forwards pause and resume to whatever producer is registered now (the
-    upstream transport of a C{GET}, once its response arrived).
-    """
-
-    def __init__(self):
-        self.producer = None
-
-    def pauseProducing(self):
-        if self.producer is not None:
-            self.producer.pauseProducing()
-
-    def resumeProducing(self):
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    def stopProducing(self):
-        if self.producer is not None:
-            self.producer.stopProducing()
-
-
 class _SinkConsumer:
     """
     An L{IConsumer} over an L{UploadSink} writing to a local NBD export:
@@ -325,7 +301,7 @@ class _SinkConsumer:
                  reactor=None):
         self._reactor = reactor
         self.reader = None
-        self._relay = _Relay()
+        self._relay = http_backend.ProducerRelay()
         # Small NBD writes and a low high-water mark: the bytes of one
         # connection wait here, so this bounds the client's memory per
         # connection (4 MiB + 1 MiB writes: 109 MiB peak RSS for a dense

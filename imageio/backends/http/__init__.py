@@ -43,12 +43,14 @@ from imageio.backends.http._backend import (
     DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, OPTIONS_TIMEOUT,
     HTTPBackend, open)
 from imageio.backends.http._relay import (
-    STREAM_WRITE_SIZE, UPLOAD_HIGH_WATER, UploadStream, uploadStream)
+    STREAM_WRITE_SIZE, UPLOAD_HIGH_WATER, ProducerRelay, UploadStream,
+    uploadStream)
 from imageio.backends.http._upstream import (
     CONNECT_TIMEOUT, ERROR_TEXT_LIMIT, IDLE_TIMEOUT, ZERO_CHUNK,
     UpstreamTLSError, trustRoot)
 
 __all__ = ["open", "HTTPBackend", "UploadStream", "uploadStream",
+           "ProducerRelay",
            "UpstreamTLSError", "trustRoot", "CONNECT_TIMEOUT",
            "OPTIONS_TIMEOUT", "IDLE_TIMEOUT", "DEFAULT_BUFFER_SIZE",
            "DEFAULT_MAX_CONNECTIONS", "ERROR_TEXT_LIMIT", "ZERO_CHUNK",

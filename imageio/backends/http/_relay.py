@@ -32,8 +32,8 @@ from imageio.units import KiB, MiB
 if TYPE_CHECKING:
     from imageio.backends.http._backend import HTTPBackend
 
-__all__ = ["UploadStream", "uploadStream", "UPLOAD_HIGH_WATER",
-           "STREAM_WRITE_SIZE"]
+__all__ = ["UploadStream", "uploadStream", "ProducerRelay",
+           "UPLOAD_HIGH_WATER", "STREAM_WRITE_SIZE"]
 
 UPLOAD_HIGH_WATER = 8 * MiB
 """
@@ -68,11 +68,35 @@ def uploadStream(backend, offset: int, length: int, *, producer=None,
 
 
 @implementer(IPushProducer)
-class _StreamTo(Protocol):
+class ProducerRelay:
+    """
+    Forward pause, resume and stop to whatever producer is set now (the
+    upstream transport of a C{GET}, once its response arrived); nothing
+    while it is C{None}.
+
+    @ivar producer: the L{IPushProducer} to forward to, or C{None}.
+    """
+
+    producer = None
+
+    def pauseProducing(self):
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resumeProducing(self):
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def stopProducing(self):
+        if self.producer is not None:
+            self.producer.stopProducing()
+
+
+class _StreamTo(ProducerRelay, Protocol):
     """
     Deliver an upstream response body to a consumer, forwarding the
     consumer's pause and resume to the upstream transport (see
-    L{HTTPBackend.readTo}).
+    L{HTTPBackend.readTo}): the relay's producer is our transport.
 
     @ivar pauses: how many times the consumer paused us.
     @ivar received: body bytes received so far.
@@ -95,6 +119,7 @@ class _StreamTo(Protocol):
         self.done: defer.Deferred[int] = defer.Deferred(self._cancel)
 
     def connectionMade(self):
+        self.producer = self.transport
         if self._finished:
             self.transport.stopProducing()
             return
@@ -105,18 +130,12 @@ class _StreamTo(Protocol):
 
     def pauseProducing(self):
         self.pauses += 1
-        if self.transport is not None:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self):
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        super().pauseProducing()
 
     def stopProducing(self):
         self._registered = False
         self._consumerGone = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+        super().stopProducing()
 
     # The response body.
 
@@ -128,12 +147,8 @@ class _StreamTo(Protocol):
             self._abort(BackendError(f"GET {self._where}: the remote sent "
                                      f"more than {self._length} bytes"))
             return
-        if self._operation is not None:
-            try:
-                self._operation.check()
-            except Exception:
-                self._abort(Failure())
-                return
+        if not _operationOK(self._operation, self._abort):
+            return
         self.received += n
         self._pending.append(data)
         self._pendingSize += n
