@@ -180,18 +180,10 @@ async def _open_one(reactor, url: str, mode: str, policy, *,
     creator = None
     if parts.scheme == "https":
         creator = policy.creatorForNetloc(host.encode("idna"), port)
-    backend = http_backend.HTTPBackend(
+    return await http_backend.HTTPBackend.connect(
         reactor, url=url, host=host, port=port, path=parts.path or "/",
         creator=creator, mode=mode, bufferSize=buffer_size,
-        maxConnections=max_connections)
-    if client is not None:
-        backend._client = client
-    try:
-        await backend._connect()
-    except BaseException:
-        await backend.close()
-        raise
-    return backend
+        maxConnections=max_connections, client=client)
 
 
 async def open_http(reactor, url: str, mode: str, *, cafile=None,

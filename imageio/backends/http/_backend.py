@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
+from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -88,16 +89,10 @@ async def _open(reactor, url, mode, config) -> HTTPBackend:
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot(caFile))
         creator = policy.creatorForNetloc(host.encode("idna"), port)
 
-    backend = HTTPBackend(
+    return await HTTPBackend.connect(
         reactor, url=url, host=host, port=port, path=parts.path or "/",
         creator=creator, mode=mode, bufferSize=bufferSize,
         maxConnections=maxConnections)
-    try:
-        await backend._connect()
-    except BaseException:
-        await backend.close()
-        raise
-    return backend
 
 
 # The backend.
@@ -126,7 +121,17 @@ class HTTPBackend:
     def __init__(self, reactor, *, url: str, host: str, port: int,
                  path: str, creator=None, mode: str = "r+",
                  bufferSize: int = DEFAULT_BUFFER_SIZE,
-                 maxConnections: int = DEFAULT_MAX_CONNECTIONS):
+                 maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+                 client: HTTPClient | None = None):
+        """
+        Use L{connect}: a backend is usable once connected.
+
+        @param creator: the TLS connection creator for https, or C{None}
+            (http).
+        @param client: a treq L{HTTPClient} sending the requests instead of
+            one on the backend's own pool (tests pass
+            L{treq.testing.StubTreq}).
+        """
         self._reactor = reactor
         self.url = url
         self.mode = mode
@@ -144,6 +149,8 @@ class HTTPBackend:
                                      creator=creator)
         self._client, self._pool = makeClient(reactor, self._endpoints,
                                                maxConnections)
+        if client is not None:
+            self._client = client
         self._pools = [self._pool]
         self._size: int | None = None
         self._extents: dict[str, list] = {}
@@ -155,6 +162,35 @@ class HTTPBackend:
         return f"<HTTPBackend {self._base}{self._path}{via}>"
 
     # Opening.
+
+    @classmethod
+    def connect(cls, reactor, *, url: str, host: str, port: int,
+                path: str, creator=None, mode: str = "r+",
+                bufferSize: int = DEFAULT_BUFFER_SIZE,
+                maxConnections: int = DEFAULT_MAX_CONNECTIONS,
+                client: HTTPClient | None = None
+                ) -> defer.Deferred[HTTPBackend]:
+        """
+        Open a backend on a url already parsed (L{open} parses the
+        daemon's, L{imageio.client} its own): learn the remote's features,
+        move to its unix socket when it is on this host, learn the size.
+        The parameters are those of the constructor.
+
+        @return: L{Deferred} firing with the connected L{HTTPBackend}, or
+            failing (the backend closed) as L{open}'s does.
+        """
+        backend = cls(reactor, url=url, host=host, port=port, path=path,
+                      creator=creator, mode=mode, bufferSize=bufferSize,
+                      maxConnections=maxConnections, client=client)
+        return defer.ensureDeferred(backend._connectOrClose())
+
+    async def _connectOrClose(self) -> HTTPBackend:
+        try:
+            await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
 
     async def _connect(self) -> None:
         options = await self._options(self._client, self._base,
