@@ -18,9 +18,9 @@ from zope.interface import implementer
 from imageio.backends import IBackend
 from imageio.backends.http._relay import UploadStream, _StreamTo
 from imageio.backends.http._upstream import (
-    ERROR_TEXT_LIMIT, OPTIONS_LIMIT, SMALL_BODY_LIMIT, BytesBody, DropBody,
-    Endpoints, UpstreamTLSError, ZeroBody, findError, httpError,
-    makeClient, readBody, tlsFailure, trustRoot)
+    OPTIONS_LIMIT, SMALL_BODY_LIMIT, BytesBody, DropBody, Endpoints,
+    UpstreamTLSError, ZeroBody, errorText, findError, httpError, makeClient,
+    readBody, tlsFailure, trustRoot)
 from imageio.errors import BackendError, HTTPError, UnsupportedOperation
 from imageio.extents import DirtyExtent, ZeroExtent
 from imageio.logs import Logger
@@ -514,7 +514,7 @@ class HTTPBackend:
             "GET", suffix="/extents", query=f"?context={context}")
         if response.code == 404:
             body = await readBody(response, SMALL_BODY_LIMIT)
-            text = body[:ERROR_TEXT_LIMIT].decode("utf-8", "replace").rstrip()
+            text = errorText(body)
             raise UnsupportedOperation(
                 f"Server does not support {context} extents: {text}")
         if response.code != 200:

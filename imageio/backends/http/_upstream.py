@@ -38,8 +38,9 @@ from imageio.errors import BackendError, HTTPError
 from imageio.units import KiB, MiB
 
 __all__ = ["trustRoot", "Endpoints", "makeClient", "UpstreamTLSError",
-           "tlsFailure", "httpError", "findError", "readBody", "DropBody",
-           "BytesBody", "ZeroBody", "CONNECT_TIMEOUT", "IDLE_TIMEOUT",
+           "tlsFailure", "errorText", "httpError", "findError", "readBody",
+           "DropBody", "BytesBody", "ZeroBody", "CONNECT_TIMEOUT",
+           "IDLE_TIMEOUT",
            "ERROR_TEXT_LIMIT", "SMALL_BODY_LIMIT", "OPTIONS_LIMIT",
            "ZERO_CHUNK"]
 
@@ -218,13 +219,20 @@ def tlsFailure(failure: Failure):
     return "certificate" in reason, reason
 
 
+def errorText(body: bytes) -> str:
+    """
+    @return: the text of an upstream error body: cut to
+        L{ERROR_TEXT_LIMIT} bytes, trailing newline removed.
+    """
+    return body[:ERROR_TEXT_LIMIT].decode("utf-8", "replace").rstrip()
+
+
 def httpError(code: int, body: bytes) -> HTTPError:
     """
     The remote's error as our own, for our client: same status, same text
-    (cut to 512 bytes, trailing newline removed).
+    (L{errorText}).
     """
-    text = body[:ERROR_TEXT_LIMIT].decode("utf-8", "replace").rstrip()
-    return HTTPError(text, code=code)
+    return HTTPError(errorText(body), code=code)
 
 
 # Bodies.
