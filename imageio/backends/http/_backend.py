@@ -655,8 +655,8 @@ class HTTPBackend:
             need not call L{flush} afterwards. Otherwise C{?flush=n} is
             sent (when the remote has the feature).
 
-        The stream has the interface of L{imageio.transfer.UploadSink}
-        (C{write}, C{finish}, C{abort}, C{whenDone}, C{failed}, C{received},
+        The stream is an L{imageio.transfer.UploadSink} (C{write},
+        C{finish}, C{abort}, C{whenDone}, C{failed}, C{received},
         C{written}, C{maxPending}, C{backend}), so it can replace one.
 
         @return: C{(stream, done)}: an L{UploadStream} and a L{Deferred}.
