@@ -165,25 +165,20 @@ def _unreachable(failure_or_exc) -> bool:
 async def _open_one(reactor, url: str, mode: str, policy, *,
                     max_connections: int, buffer_size: int,
                     client: HTTPClient | None):
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in ("http", "https"):
         raise TransferError(f"Unsupported url {url!r}: the scheme must be "
                             f"https or http")
     try:
-        host, port = parts.hostname, parts.port
-    except ValueError as e:
-        raise TransferError(f"Invalid url {url!r}: {e}") from None
-    if not host:
-        raise TransferError(f"Invalid url {url!r}: no host")
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
+        scheme, host, port, path = http_backend.splitURL(url)
+    except http_backend.InvalidURL as e:
+        raise TransferError(str(e)) from None
     creator = None
-    if parts.scheme == "https":
+    if scheme == "https":
         creator = policy.creatorForNetloc(host.encode("idna"), port)
     return await http_backend.HTTPBackend.connect(
-        reactor, url=url, host=host, port=port, path=parts.path or "/",
-        creator=creator, mode=mode, bufferSize=buffer_size,
-        maxConnections=max_connections, client=client)
+        reactor, url=url, host=host, port=port, path=path, creator=creator,
+        mode=mode, bufferSize=buffer_size, maxConnections=max_connections,
+        client=client)
 
 
 async def open_http(reactor, url: str, mode: str, *, cafile=None,

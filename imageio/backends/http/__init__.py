@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from imageio.backends.http._backend import (
     DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, OPTIONS_TIMEOUT,
-    HTTPBackend, open)
+    HTTPBackend, InvalidURL, open, splitURL)
 from imageio.backends.http._relay import (
     STREAM_WRITE_SIZE, UPLOAD_HIGH_WATER, ProducerRelay, UploadStream,
     uploadStream)
@@ -50,7 +50,7 @@ from imageio.backends.http._upstream import (
     UpstreamTLSError, trustRoot)
 
 __all__ = ["open", "HTTPBackend", "UploadStream", "uploadStream",
-           "ProducerRelay",
+           "ProducerRelay", "splitURL", "InvalidURL",
            "UpstreamTLSError", "trustRoot", "CONNECT_TIMEOUT",
            "OPTIONS_TIMEOUT", "IDLE_TIMEOUT", "DEFAULT_BUFFER_SIZE",
            "DEFAULT_MAX_CONNECTIONS", "ERROR_TEXT_LIMIT", "ZERO_CHUNK",

@@ -26,7 +26,8 @@ from imageio.extents import DirtyExtent, ZeroExtent
 from imageio.logs import Logger
 from imageio.units import MiB
 
-__all__ = ["open", "HTTPBackend", "OPTIONS_TIMEOUT", "DEFAULT_BUFFER_SIZE",
+__all__ = ["open", "HTTPBackend", "splitURL", "InvalidURL",
+           "OPTIONS_TIMEOUT", "DEFAULT_BUFFER_SIZE",
            "DEFAULT_MAX_CONNECTIONS"]
 
 # The namespace the backend's log lines always had.
@@ -61,20 +62,36 @@ def open(reactor, url: str, *, mode: str, sparse: bool = False,
     return defer.ensureDeferred(_open(reactor, url, mode, config))
 
 
-async def _open(reactor, url, mode, config) -> HTTPBackend:
+class InvalidURL(BackendError):
+    """
+    An image url the backend cannot use: not http or https, a bad port,
+    no host.
+    """
+
+
+def splitURL(url: str) -> tuple[str, str, int, str]:
+    """
+    @return: C{(scheme, host, port, path)} of an http or https image url;
+        the port defaults to the scheme's, the path to C{/}.
+    @raise InvalidURL: the url cannot be used (the text says why).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
-        raise BackendError(f"Unsupported url scheme: {url!r}")
+        raise InvalidURL(f"Unsupported url scheme: {url!r}")
     try:
         host = parts.hostname
         port = parts.port
     except ValueError as e:
-        raise BackendError(f"Invalid url {url!r}: {e}") from e
+        raise InvalidURL(f"Invalid url {url!r}: {e}") from e
     if not host:
-        raise BackendError(f"Invalid url {url!r}: no host")
+        raise InvalidURL(f"Invalid url {url!r}: no host")
     if port is None:
         port = 443 if parts.scheme == "https" else 80
+    return parts.scheme, host, port, parts.path or "/"
 
+
+async def _open(reactor, url, mode, config) -> HTTPBackend:
+    scheme, host, port, path = splitURL(url)
     if config is None:
         bufferSize = DEFAULT_BUFFER_SIZE
         maxConnections = DEFAULT_MAX_CONNECTIONS
@@ -85,14 +102,13 @@ async def _open(reactor, url, mode, config) -> HTTPBackend:
         caFile = config.backend_http.ca_file or config.tls.ca_file
 
     creator = None
-    if parts.scheme == "https":
+    if scheme == "https":
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRoot(caFile))
         creator = policy.creatorForNetloc(host.encode("idna"), port)
 
     return await HTTPBackend.connect(
-        reactor, url=url, host=host, port=port, path=parts.path or "/",
-        creator=creator, mode=mode, bufferSize=bufferSize,
-        maxConnections=maxConnections)
+        reactor, url=url, host=host, port=port, path=path, creator=creator,
+        mode=mode, bufferSize=bufferSize, maxConnections=maxConnections)
 
 
 # The backend.
