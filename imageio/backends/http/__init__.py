@@ -32,9 +32,11 @@ The package's modules, by responsibility:
 
   - L{imageio.backends.http._upstream}: reaching and trusting the remote
     (endpoints, pool, CA file), its failures, small bodies;
-  - L{imageio.backends.http._backend}: L{open} and L{HTTPBackend};
+  - L{imageio.backends.http._backend}: L{open}, L{splitURL} and
+    L{HTTPBackend} (L{HTTPBackend.connect} is how the client opens one);
   - L{imageio.backends.http._relay}: the two streaming relays
-    (L{HTTPBackend.readTo}'s response body, L{UploadStream}).
+    (L{HTTPBackend.readTo}'s response body, L{UploadStream}) and
+    L{ProducerRelay}.
 """
 
 from __future__ import annotations
