@@ -499,19 +499,34 @@ class UploadSink:
         Take the next bytes of the stream. Never blocks; may pause the
         producer.
         """
-        if self._failure is not None or self._result is not None:
-            return
-        n = len(data)
+        n = self._admit(data)
         if not n:
             return
-        if self._limit is not None and self.received + n > self._limit:
-            self.received += n
-            self._fail(Failure(LimitExceeded(self._limit)))
-            return
-        self.received += n
         if type(data) is Written:
             self._wroteDirect(data)
             return
+        self._buffer(data, n)
+        self._pump.run(self._step)
+
+    def _admit(self, data) -> int:
+        """
+        Count the next bytes of the stream.
+
+        @return: their number, or 0 if they are dropped: the upload failed
+            or ended, or they pass C{limit} (which fails it).
+        """
+        if self._failure is not None or self._result is not None:
+            return 0
+        n = len(data)
+        if n and self._limit is not None and self.received + n > self._limit:
+            self.received += n
+            self._fail(Failure(LimitExceeded(self._limit)))
+            return 0
+        self.received += n
+        return n
+
+    def _buffer(self, data, n: int) -> None:
+        # Keep n bytes for a later write; pause the producer at the mark.
         self._chunks.append(data)
         self._buffered += n
         pending = self._buffered + self._inFlight
@@ -519,7 +534,6 @@ class UploadSink:
             self.maxPending = pending
         if pending >= self._highWater and self._producer is not None:
             self._producer.pauseProducing()
-        self._pump.run(self._step)
 
     def whenAttached(self) -> defer.Deferred:
         """

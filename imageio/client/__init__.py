@@ -230,16 +230,10 @@ class ImageioClient:
         upload = self._call(self._start_upload, offset, length)
         what = f"write of {length} bytes at {offset} to"
         write = self._guarded(upload.write, what)
-        buf = bytearray(min(self._buffer_size, 32 << 20))
-        todo = length
+        size = min(self._buffer_size, 32 << 20)
         try:
-            while todo:
-                n = reader.readinto(memoryview(buf)[:min(todo, len(buf))])
-                if not n:
-                    raise RuntimeError(f"Unexpected end of file, {todo} "
-                                       f"bytes missing")
-                self._call(write, bytes(buf[:n]))
-                todo -= n
+            for data in aio._read_pieces(reader, length, size):
+                self._call(write, data)
         except BaseException:
             _runner.reactor().callFromThread(upload.abort)
             raise

@@ -25,8 +25,7 @@ import treq
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet import defer, ssl
-from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator, IPushProducer)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
@@ -131,7 +130,7 @@ def _policy(cafile: str | None, secure: bool):
     if not secure:
         return _UnverifiedPolicy()
     try:
-        root = http_backend._trustRoot(cafile or "")
+        root = http_backend.trustRoot(cafile or "")
     except BackendError as e:
         raise TransferError(str(e)) from None
     return BrowserLikePolicyForHTTPS(trustRoot=root)
@@ -166,33 +165,20 @@ def _unreachable(failure_or_exc) -> bool:
 async def _open_one(reactor, url: str, mode: str, policy, *,
                     max_connections: int, buffer_size: int,
                     client: HTTPClient | None):
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in ("http", "https"):
         raise TransferError(f"Unsupported url {url!r}: the scheme must be "
                             f"https or http")
     try:
-        host, port = parts.hostname, parts.port
-    except ValueError as e:
-        raise TransferError(f"Invalid url {url!r}: {e}") from None
-    if not host:
-        raise TransferError(f"Invalid url {url!r}: no host")
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
+        scheme, host, port, path = http_backend.splitURL(url)
+    except http_backend.InvalidURL as e:
+        raise TransferError(str(e)) from None
     creator = None
-    if parts.scheme == "https":
+    if scheme == "https":
         creator = policy.creatorForNetloc(host.encode("idna"), port)
-    backend = http_backend.HTTPBackend(
-        reactor, url=url, host=host, port=port, path=parts.path or "/",
-        creator=creator, mode=mode, bufferSize=buffer_size,
-        maxConnections=max_connections)
-    if client is not None:
-        backend._client = client
-    try:
-        await backend._connect()
-    except BaseException:
-        await backend.close()
-        raise
-    return backend
+    return await http_backend.HTTPBackend.connect(
+        reactor, url=url, host=host, port=port, path=path, creator=creator,
+        mode=mode, bufferSize=buffer_size, maxConnections=max_connections,
+        client=client)
 
 
 async def open_http(reactor, url: str, mode: str, *, cafile=None,
@@ -291,29 +277,6 @@ class _Operation:
             self._progress.update(n)
 
 
-@implementer(IPushProducer)
-class _Relay:
-    """
-    Forwards pause and resume to whatever producer is registered now (the
-    upstream transport of a C{GET}, once its response arrived).
-    """
-
-    def __init__(self):
-        self.producer = None
-
-    def pauseProducing(self):
-        if self.producer is not None:
-            self.producer.pauseProducing()
-
-    def resumeProducing(self):
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    def stopProducing(self):
-        if self.producer is not None:
-            self.producer.stopProducing()
-
-
 class _SinkConsumer:
     """
     An L{IConsumer} over an L{UploadSink} writing to a local NBD export:
@@ -325,7 +288,7 @@ class _SinkConsumer:
                  reactor=None):
         self._reactor = reactor
         self.reader = None
-        self._relay = _Relay()
+        self._relay = http_backend.ProducerRelay()
         # Small NBD writes and a low high-water mark: the bytes of one
         # connection wait here, so this bounds the client's memory per
         # connection (4 MiB + 1 MiB writes: 109 MiB peak RSS for a dense

@@ -511,16 +511,9 @@ class ImageioClient:
     async def _read_from(self, reader, offset, length):
         self._check(offset, length, "Write")
         upload = self.start_upload(offset, length)
-        buf = bytearray(self._buffer_size)
-        todo = length
         try:
-            while todo:
-                n = reader.readinto(memoryview(buf)[:min(todo, len(buf))])
-                if not n:
-                    raise RuntimeError(f"Unexpected end of file, "
-                                       f"{todo} bytes missing")
-                await upload.write(bytes(buf[:n]))
-                todo -= n
+            for data in _read_pieces(reader, length, self._buffer_size):
+                await upload.write(data)
         except BaseException:
             upload.abort()
             raise
@@ -586,6 +579,26 @@ class ImageioClient:
 
     def close(self) -> defer.Deferred[None]:
         return self._backend.close()
+
+
+def _read_pieces(reader, length: int, size: int):
+    """
+    Read C{length} bytes with C{reader.readinto(buf)} into a buffer of
+    C{size} bytes, for L{ImageioClient.read_from} (here and in the blocking
+    L{imageio.client.ImageioClient}, which reads in the calling thread).
+
+    @return: an iterator of the pieces read, as C{bytes}.
+    @raise RuntimeError: the reader ended before C{length} bytes.
+    """
+    buf = bytearray(size)
+    todo = length
+    while todo:
+        n = reader.readinto(memoryview(buf)[:min(todo, len(buf))])
+        if not n:
+            raise RuntimeError(f"Unexpected end of file, {todo} bytes "
+                               f"missing")
+        yield bytes(buf[:n])
+        todo -= n
 
 
 class _Upload:
