@@ -461,8 +461,9 @@ async def test_keep_alive(server):
     assert server.store.get("t1").connections == 1
     client.transport.loseConnection()
     await client.closed
-    await sleep(0.01)
-    assert server.store.get("t1").connections == 0
+    # The server sees the close on a later turn (later still on a loaded
+    # machine).
+    await _waitFor(lambda: server.store.get("t1").connections == 0)
     assert server.opened[0].closed
 
 

@@ -362,10 +362,17 @@ class Request(server.Request):
             message = REASONS.get(code)
         super().setResponseCode(code, message)
 
-    def process(self):
+    def startReply(self) -> None:
+        """
+        What every reply starts with, an error answered before routing
+        included: the site, and the C{server} and C{date} headers.
+        """
         self.site = self.channel.site
         self.setHeader(b"server", SERVER)
         self.setHeader(b"date", http.datetimeToString())
+
+    def process(self):
+        self.startReply()
         self.prepath = []
         self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))
         try:

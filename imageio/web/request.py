@@ -32,7 +32,7 @@ from imageio import compat, errors
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
 from imageio.web.http import (
-    SERVER, Channel, Request, errorResponse, requestPath)
+    Channel, Request, errorResponse, requestPath)
 
 __all__ = ["ImageioChannel", "StreamingRequest", "BackendContext",
            "MAX_BUFFERED_BODY", "RECEIVE_SIZE", "PLAIN_RECEIVE_SIZE",
@@ -465,9 +465,7 @@ class StreamingRequest(Request):
             # We may have paused it for backpressure; the response must go
             # out and the close be seen.
             transport.resumeProducing()
-        self.site = channel.site
-        self.setHeader(b"server", SERVER)
-        self.setHeader(b"date", http.datetimeToString())
+        self.startReply()
         self.setHeader(b"connection", b"close")
         errorResponse(self, self.streamError)
 
@@ -487,9 +485,7 @@ class StreamingRequest(Request):
 
     def process(self):
         if self.streamError is not None:
-            self.site = self.channel.site
-            self.setHeader(b"server", SERVER)
-            self.setHeader(b"date", http.datetimeToString())
+            self.startReply()
             errorResponse(self, self.streamError)
             return
         super().process()
