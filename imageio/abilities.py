@@ -125,10 +125,11 @@ class IStreamingRelay(Interface):
     the client's request.
     """
 
-    def readTo(offset, length, consumer, operation=None):
+    def readTo(offset, length, consumer):
         """
         Copy the range to C{consumer} (a response whose headers are set)
-        with backpressure end to end.
+        with backpressure end to end; the keyword C{operation} (optional)
+        is checked before each piece.
 
         @return: L{Deferred} firing with C{length} once it is sent.
         """

@@ -33,6 +33,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.abilities import (
+    IThreadTarget, IVectoredWrite, readDepth, writeDepth)
 from imageio.logs import Logger
 from imageio.errors import PartialContent
 from imageio.units import MiB
@@ -59,34 +61,6 @@ LOW_WATER = 4 * MiB
 """
 A paused upload resumes its producer once pending bytes fall to this.
 """
-
-# Backend reads in flight per download. Files are read in a thread pool (two
-# reads give read-ahead without hogging the pool); NBD and HTTP backends
-# pipeline requests on their connection.
-READ_DEPTH = {"nbd": 4, "http": 4}
-DEFAULT_READ_DEPTH = 2
-
-# Backend writes in flight per upload. Only protocols that keep requests in
-# order on one connection get more than one: a file backend with several
-# writes in flight would make a qcow2 file grow out of order.
-WRITE_DEPTH = {"nbd": 4}
-DEFAULT_WRITE_DEPTH = 1
-
-
-def readDepth(backend) -> int:
-    """
-    @return: the number of reads a download keeps in flight on C{backend}.
-    """
-    return READ_DEPTH.get(getattr(backend, "name", None), DEFAULT_READ_DEPTH)
-
-
-def writeDepth(backend) -> int:
-    """
-    @return: the number of writes an upload keeps in flight on C{backend}.
-    """
-    return WRITE_DEPTH.get(getattr(backend, "name", None),
-                           DEFAULT_WRITE_DEPTH)
-
 
 def _operationOK(operation, fail) -> bool:
     """
@@ -197,7 +171,7 @@ class DownloadProducer:
         self._meter = None if metrics is None else metrics.meter(backend)
         self._depth = max(1, depth if depth is not None
                           else readDepth(backend))
-        maxRequest = getattr(backend, "maxRequest", None) or chunkSize
+        maxRequest = backend.maxRequest or chunkSize
         self._chunkSize = max(1, min(chunkSize, maxRequest))
         self._next = offset
         self._end = offset + length
@@ -586,8 +560,9 @@ class UploadSink:
         if (self._failure is not None or self._result is not None
                 or self._ended or self.backend is None):
             return None
-        threadTarget = getattr(self.backend, "threadTarget", None)
-        target = threadTarget() if threadTarget is not None else None
+        if not IThreadTarget.providedBy(self.backend):
+            return None
+        target = self.backend.threadTarget()
         if target is None:
             return None
         return target, self._offset + self._buffered
@@ -655,7 +630,7 @@ class UploadSink:
         self._attached()
         if self._metrics is not None:
             self._meter = self._metrics.meter(backend)
-        maxRequest = getattr(backend, "maxRequest", None)
+        maxRequest = backend.maxRequest
         size = self._wantedWriteSize
         if maxRequest:
             size = min(size, maxRequest)
@@ -704,12 +679,11 @@ class UploadSink:
         self._writes += 1
         started = time.monotonic()
         try:
-            writev = getattr(self.backend, "writev", None)
-            if writev is not None:
+            if IVectoredWrite.providedBy(self.backend):
                 # The pieces as they arrived: joining them cost a copy
                 # into a fresh allocation (page faults included) in the
                 # reactor thread, and the backend copies them anyway.
-                d = writev(offset, self._takeParts(n))
+                d = self.backend.writev(offset, self._takeParts(n))
             else:
                 d = self.backend.write(offset, self._take(n))
         except Exception:

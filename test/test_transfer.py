@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
+from zope.interface import alsoProvides
 from zope.interface.verify import verifyObject
 from twisted.internet.interfaces import IPushProducer
 
 from imageio import errors, transfer
+from imageio.abilities import IPipelined
+from imageio.backends.http import HTTPBackend
 from imageio.backends.memory import MemoryBackend
+from imageio.backends.nbd import NBDBackend
 from imageio.units import MiB
 
 
@@ -252,9 +256,15 @@ def test_upload_abort():
     assert b.data == b""
 
 
-def test_upload_depth():
+def _pipelined(depth=4):
     b = MemoryBackend()
-    b.name = "nbd"
+    alsoProvides(b, IPipelined)
+    b.readDepth = b.writeDepth = depth
+    return b
+
+
+def test_upload_depth():
+    b = _pipelined()
     b.hold("write")
     s = transfer.UploadSink(b, 0, writeSize=MiB)
     for _ in range(6):
@@ -267,10 +277,13 @@ def test_upload_depth():
 
 
 def test_depths():
-    assert transfer.readDepth(MemoryBackend()) == 2
+    # Declared (IPipelined), not found by name.
     b = MemoryBackend()
     b.name = "nbd"
+    assert transfer.readDepth(b) == 2
+    assert transfer.writeDepth(b) == 1
+    b = _pipelined(4)
     assert transfer.readDepth(b) == 4
     assert transfer.writeDepth(b) == 4
-    b.name = "file"
-    assert transfer.writeDepth(b) == 1
+    assert (NBDBackend.readDepth, NBDBackend.writeDepth) == (4, 4)
+    assert (HTTPBackend.readDepth, HTTPBackend.writeDepth) == (4, 1)

@@ -41,7 +41,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio import compat
-from imageio.abilities import IPageCacheFreeSource, IThreadSource
+from imageio.abilities import (
+    IPageCacheFreeSource, IPipelined, IThreadSource)
 from imageio.compat import ffi as _ffi, lib as _lib
 from imageio.logs import Logger
 from imageio.protocols.nbd import NBDError
@@ -148,13 +149,14 @@ class _Regions:
     for L{imageio.transfer.DownloadProducer}.
     """
 
-    name = "file"
     maxRequest = REGION_SIZE
     chunkSize = REGION_SIZE
 
     def __init__(self, backend, fd: int):
         self._backend = backend
         self._fd = fd
+        # The backend's metrics label.
+        self.name = backend.name
 
     def size(self) -> int:
         return self._backend.size()
@@ -174,6 +176,7 @@ class NBDRegion(Region):
     __slots__ = ()
 
 
+@implementer(IPipelined)
 class _NBDRegions:
     """
     A read-only view of an nbd backend for
@@ -184,13 +187,16 @@ class _NBDRegions:
     reads go to the backend.
     """
 
-    name = "nbd"
+    readDepth = 4
+    writeDepth = 1
     maxRequest = REGION_SIZE
     chunkSize = REGION_SIZE
 
     def __init__(self, writer: "SocketWriter", backend):
         self._writer = writer
         self._backend = backend
+        # The backend's metrics label.
+        self.name = backend.name
         self._first = True
         self._lent: bool | None = None
         self._waiters: list[defer.Deferred] = []

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
+from imageio.abilities import IPipelined, IStreamingRelay
 from imageio.backends import IBackend
 from imageio.backends.http._relay import UploadStream, _StreamTo
 from imageio.backends.http._upstream import (
@@ -113,7 +114,7 @@ async def _open(reactor, url, mode, config) -> HTTPBackend:
 
 # The backend.
 
-@implementer(IBackend)
+@implementer(IBackend, IPipelined, IStreamingRelay)
 class HTTPBackend:
     """
     An L{IBackend} relaying to another imageio daemon.
@@ -132,6 +133,8 @@ class HTTPBackend:
     """
 
     name = "http"
+    readDepth = 4
+    writeDepth = 1
     blockSize = 1
 
     def __init__(self, reactor, *, url: str, host: str, port: int,
