@@ -56,6 +56,7 @@ from twisted.logger import (
 from twisted.protocols import amp
 from twisted.python.threadpool import ThreadPool
 
+from imageio import logs
 from imageio.logs import Logger
 from imageio import tickets
 from imageio.errors import Conflict
@@ -910,7 +911,7 @@ class WorkerService(service.MultiService):
             name="imageio-io")
         self.tls = None
         self.ports: list = []
-        from imageio.services import reclaim
+        from imageio.web.site import reclaim
         reclaim().setServiceParent(self)
         # This worker's requests, bytes and latencies; the main process
         # adds them to its /metrics. No ticket gauges (the main process's
@@ -927,7 +928,7 @@ class WorkerService(service.MultiService):
         os.close(_FD_AMP)
 
     def serve(self) -> None:
-        from imageio.services import imagesSite
+        from imageio.web.site import imagesSite
         cfg = self.config
         for n, fd in enumerate([_FD_REMOTE, _FD_LOCAL][:self.listeners]):
             remote = n == 0
@@ -966,8 +967,7 @@ class WorkerService(service.MultiService):
 
 
 def _observer(cfg, index: int):
-    from imageio.services import _LEVELS
-    level = _LEVELS.get(cfg.logger_root.level.upper())
+    level = logs.LEVEL_NAMES.get(cfg.logger_root.level.upper())
     out = textFileLogObserver(sys.stdout)
     system = f"worker-{index}"
 
@@ -996,13 +996,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from imageio import config as _config
-    from imageio import services
     from imageio import malloc
     malloc.tune()
     cfg = _config.load(args.conf_dir)
     globalLogBeginner.beginLoggingTo([_observer(cfg, args.index)],
                                      redirectStandardIO=False)
-    services.configureLogging(cfg)
+    logs.configureLogging(cfg)
 
     from twisted.internet import reactor
     svc = WorkerService(cfg, reactor, args.index, args.listeners)
