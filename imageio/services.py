@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from imageio.logs import Logger
 from imageio import endpoints as endpoints_
 from imageio import logs
-from imageio import compat, tickets, workers
+from imageio import compat, tickets
 from imageio.errors import StartupError
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
@@ -35,6 +35,7 @@ from imageio.web.http import Root, makeSite
 from imageio.web.metrics import MetricsPage
 from imageio.web.site import imagesSite, reclaim
 from imageio.web.tickets import Tickets
+from imageio.workers.mainside import SharedTicketStore, WorkerPool
 
 __all__ = ["ImageioService", "StartupError", "bindAddress"]
 
@@ -252,7 +253,7 @@ class ImageioService(service.MultiService):
     @ivar tls: the remote service's L{ReloadableTLS}, or C{None}.
     @ivar workers: the number of worker processes serving the remote and
         local services, or 1 when this process serves them.
-    @ivar pool: the L{workers.WorkerPool}, or C{None} with one process.
+    @ivar pool: the L{WorkerPool}, or C{None} with one process.
     """
 
     tls = None
@@ -274,7 +275,7 @@ class ImageioService(service.MultiService):
         self.confDir = confDir
         self.initialTicket = initialTicket
         self.clock = tickets.MonotonicClock(reactor)
-        storeClass = (workers.SharedTicketStore if self.workers > 1
+        storeClass = (SharedTicketStore if self.workers > 1
                       else tickets.TicketStore)
         self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
@@ -296,7 +297,7 @@ class ImageioService(service.MultiService):
         if self.workers > 1:
             # Added last: started after the listeners are bound, stopped
             # (workers terminated) before they close.
-            self.pool = workers.WorkerPool(
+            self.pool = WorkerPool(
                 reactor, self.store.hub, self.workers, confDir,
                 imageListeners)
             self.pool.setServiceParent(self)
