@@ -33,8 +33,12 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imageio.logs import Logger
+# whenResult and fireWaiters are imageio.deferreds', named here too for the
+# modules that import them from transfer (the body threads, the http
+# backend).
+from imageio.deferreds import fireWaiters, whenResult
 from imageio.errors import PartialContent
+from imageio.logs import Logger
 from imageio.units import MiB
 
 __all__ = [
@@ -331,35 +335,6 @@ class DownloadProducer:
         self._finished = True
         self._slots.clear()
         self._unregister()
-
-
-def whenResult(result, waiters: list) -> defer.Deferred:
-    """
-    A new L{Deferred} for a one-shot C{result}: fired now if the result is
-    known (a value, or a L{Failure} to errback with), else added to
-    C{waiters} for L{fireWaiters}. C{None} means not known yet.
-    """
-    d: defer.Deferred = defer.Deferred()
-    if result is None:
-        waiters.append(d)
-    elif isinstance(result, Failure):
-        d.errback(result)
-    else:
-        d.callback(result)
-    return d
-
-
-def fireWaiters(waiters: list, result) -> None:
-    """
-    Fire and empty the C{waiters} of L{whenResult} with C{result}.
-    """
-    pending = list(waiters)
-    waiters.clear()
-    for d in pending:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
 
 
 class Region:

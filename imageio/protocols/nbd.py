@@ -30,6 +30,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from imageio.deferreds import fire
 from imageio.logs import Logger
 from imageio.protocols import nbdurl
 
@@ -471,7 +472,7 @@ class NBDClient(Protocol):
                 err = Failure(NBDConnectionLost(
                     f"Connection closed during handshake: "
                     f"{reason.getErrorMessage()}"))
-            self._fire(self.whenReady, err)
+            fire(self.whenReady, err)
         pending, self._pending = self._pending, {}
         self._sink = None
         if pending:
@@ -482,15 +483,7 @@ class NBDClient(Protocol):
                     f"Connection lost with {len(pending)} requests in "
                     f"flight: {reason.getErrorMessage()}"))
             for req in pending.values():
-                self._fire(req.deferred, err)
-
-    def _fire(self, d, result):
-        # A cancelled Deferred has fired already.
-        if not d.called:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+                fire(req.deferred, err)
 
     def _abort(self, exc: Exception):
         """
@@ -911,18 +904,18 @@ class NBDClient(Protocol):
     def _finish(self, req, error=None):
         del self._pending[req.handle]
         if error is not None:
-            self._fire(req.deferred, Failure(error))
+            fire(req.deferred, Failure(error))
         elif req.cmd == CMD_READ:
             if req.pieces:
-                self._fire(req.deferred, _ordered(req.parts, req.length))
+                fire(req.deferred, _ordered(req.parts, req.length))
             elif req.parts is not None:
-                self._fire(req.deferred, _join(req.parts, req.length))
+                fire(req.deferred, _join(req.parts, req.length))
             else:
-                self._fire(req.deferred, req.buf)
+                fire(req.deferred, req.buf)
         elif req.cmd == CMD_BLOCK_STATUS:
-            self._fire(req.deferred, req.extents)
+            fire(req.deferred, req.extents)
         else:
-            self._fire(req.deferred, None)
+            fire(req.deferred, None)
 
     # Transmission: requests
 
