@@ -8,6 +8,7 @@ L{malloc.Reclaim} service fed by the web layer's counters.
 from __future__ import annotations
 
 from imageio import malloc
+from imageio.metrics import NO_METRICS
 from imageio.web.bodyreader import SocketReader
 from imageio.web.bodywriter import SocketWriter
 from imageio.web.http import Root, makeSite
@@ -25,10 +26,13 @@ def imagesSite(store, cfg, reactor, threadpool, withInfo, metrics=None,
     remote and local services, in the daemon or in a worker process.
 
     @param metrics: the L{Metrics} to report to as service C{name}, or
-        C{None}.
+        C{None}. The images handlers get it here; the Site carries it for
+        the request counts (L{Metrics.instrument}).
     """
     root = Root()
-    root.putChild(b"images", Images(store, cfg, reactor, threadpool))
+    root.putChild(b"images", Images(
+        store, cfg, reactor, threadpool,
+        metrics=NO_METRICS if metrics is None else metrics))
     if withInfo:
         root.putChild(b"info", Info())
     site = makeSite(root, reactor=reactor,
