@@ -417,7 +417,7 @@ async def test_routing(server):
     server.addTicket(data=b"abc")
     for path in ("/images/t1/", "/images/t1/foo", "/images/t1/extents/x",
                  "/images/t1/checksumx", "/images/t1/checksum/x",
-                 "/images"):
+                 "/images/t1/checksum/algorithms/", "/images"):
         r = await request(server.address, "GET", path)
         assert r.status == 404, path
         assert r.text == f"No handler for {path!r}\n"

@@ -4,6 +4,8 @@ C{python -m imageio.workers}: a worker process (spawned by
 L{imageio.workers.mainside.WorkerPool} only).
 """
 
+from __future__ import annotations
+
 from imageio.workers.workerside import main
 
 main()
