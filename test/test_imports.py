@@ -55,7 +55,8 @@ LAYERS = [
         "imageio", "imageio.units", "imageio.errors", "imageio.extents",
         "imageio.logs", "imageio.metrics", "imageio.blkhash",
         "imageio.config", "imageio.malloc", "imageio.schemes",
-        "imageio.deferreds", "imageio.compat", "imageio.web",
+        "imageio.deferreds", "imageio.compat", "imageio.abilities",
+        "imageio.web",
         "imageio.protocols",
         "imageio.workers"]),
 ]
