@@ -8,4 +8,5 @@ from __future__ import annotations
 
 from imageio.workers.workerside import main
 
-main()
+if __name__ == "__main__":
+    main()
