@@ -15,11 +15,12 @@ rule, stated once:
     counted as depending on the package C{imageio.x} (Python runs the
     package's C{__init__} first, which is why a package C{__init__} stays
     free of top-level imports of its own submodules).
-  - One exception: a package C{__init__} may import its own submodules
-    inside a function (C{imageio.backends.open} opens the backend module a
-    url scheme names); such an edge is left out of the cycle check, since
-    the submodule may import the package's interface without a cycle at
-    import time.
+  - Two kinds of edge are left out of the cycle check (they still count
+    for the layers): a package C{__init__} importing its own submodule
+    inside a function (C{imageio.backends.open} opens the backend module
+    a url scheme names, and the backend modules import C{IBackend} from
+    the package), and an import under C{if TYPE_CHECKING:}, which never
+    runs (a module naming, in annotations only, the class that uses it).
   - Modules are never imported by name at run time (C{importlib},
     C{__import__}), so the walk sees every edge.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+from typing import NamedTuple
 
 import pytest
 
@@ -99,24 +101,41 @@ def _isPackage(name: str) -> bool:
     return MODULES[name].name == "__init__.py"
 
 
-def imports(name: str) -> list[tuple[str, int, bool]]:
+class Import(NamedTuple):
+    target: str
+    line: int
+    inFunction: bool = False
+    typeOnly: bool = False
+
+
+def _isTypeChecking(node) -> bool:
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+            or isinstance(test, ast.Attribute)
+            and test.attr == "TYPE_CHECKING")
+
+
+def imports(name: str) -> list[Import]:
     """
-    @return: C{(target, line, inFunction)} for each imageio module that
-        module C{name} imports.
+    @return: an L{Import} for each imageio module that module C{name}
+        imports.
     """
     tree = ast.parse(MODULES[name].read_text(), str(MODULES[name]))
     found = []
 
-    def visit(node, inFunction):
+    def visit(node, inFunction, typeOnly):
         for child in ast.iter_child_nodes(node):
             inner = inFunction or isinstance(
                 child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            typing = typeOnly or _isTypeChecking(node) and child in node.body
             for target in _targets(name, child):
-                found.append((target, child.lineno, inner))
-            visit(child, inner)
+                found.append(Import(target, child.lineno, inner, typing))
+            visit(child, inner, typing)
 
-    visit(tree, False)
-    return [f for f in found if f[0] != name]
+    visit(tree, False, False)
+    return [f for f in found if f.target != name]
 
 
 def _targets(name: str, node) -> list[str]:
@@ -157,11 +176,13 @@ def graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for name in MODULES:
         edges[name] = set()
-        for target, _, inFunction in imports(name):
-            if (inFunction and _isPackage(name)
-                    and target.startswith(name + ".")):
+        for imp in imports(name):
+            if imp.typeOnly:
+                continue  # never runs, see the module docstring
+            if (imp.inFunction and _isPackage(name)
+                    and imp.target.startswith(name + ".")):
                 continue  # a package's registry, see the module docstring
-            edges[name].add(target)
+            edges[name].add(imp.target)
     return edges
 
 
@@ -179,7 +200,7 @@ def test_no_upward_import():
     upward = []
     for name in MODULES:
         mine = layerOf(name)
-        for target, line, _ in imports(name):
+        for target, line, _, _ in imports(name):
             theirs = layerOf(target)
             if theirs < mine:
                 upward.append(
@@ -245,4 +266,17 @@ def test_function_level_import_counts(monkeypatch, tmp_path):
     source.write_text("def f():\n    from imageio import services\n")
     monkeypatch.setitem(MODULES, "imageio.backends.fake", source)
     assert imports("imageio.backends.fake") == [
-        ("imageio.services", 2, True)]
+        Import("imageio.services", 2, inFunction=True)]
+
+
+def test_type_checking_import_is_type_only(monkeypatch, tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\n"
+                      "if TYPE_CHECKING:\n"
+                      "    from imageio import tickets\n"
+                      "else:\n"
+                      "    from imageio import errors\n")
+    monkeypatch.setitem(MODULES, "imageio.backends.fake", source)
+    assert imports("imageio.backends.fake") == [
+        Import("imageio.tickets", 3, typeOnly=True),
+        Import("imageio.errors", 5)]
