@@ -770,7 +770,7 @@ class Bench:
 
 def _haveWorkers():
     """
-    Whether our daemon implements C{[daemon] workers} (imageio/workers.py).
+    Whether our daemon implements C{[daemon] workers} (imageio/workers/).
     """
     r = subprocess.run([sys.executable, "-c", "import imageio.workers"],
                        capture_output=True, cwd=REPO)

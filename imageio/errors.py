@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = [
     "HTTPError", "BadRequest", "Forbidden", "NotFound", "MethodNotAllowed",
     "Conflict", "RangeNotSatisfiable", "InternalError", "BackendError",
-    "UnsupportedOperation", "PartialContent", "Canceled",
+    "UnsupportedOperation", "PartialContent", "Canceled", "StartupError",
 ]
 
 
@@ -113,4 +113,10 @@ class PartialContent(BackendError):
 class Canceled(Exception):
     """
     The operation's ticket was canceled while it ran.
+    """
+
+
+class StartupError(Exception):
+    """
+    The daemon cannot start; the message says why, for the operator.
     """

@@ -5,10 +5,13 @@ at C{GET /metrics} (L{imageio.web.metrics}).
 
 One L{Metrics} object per daemon holds its own L{CollectorRegistry} (never
 the process-wide default one: tests run several daemons in one process).
-The services share it through their Sites: L{Metrics.instrument} sets
-C{site.metrics} and C{site.metricsService}. Code that finds no metrics
-there (unit tests' Sites, the client library) gets L{NO_METRICS}, which
-records nothing.
+The images handlers get it when their Site is built
+(L{imageio.web.site.imagesSite} passes it to L{imageio.web.images.Images},
+which passes it to L{imageio.operations} and the pumps);
+L{Metrics.instrument} sets C{site.metrics} and C{site.metricsService} for
+the request counts, which the web layer's Request base makes. Code built
+without metrics (unit tests' Sites, the client library) gets
+L{NO_METRICS}, which records nothing.
 
 Series:
 
@@ -49,7 +52,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
-__all__ = ["Metrics", "NO_METRICS", "forRequest", "OPERATIONS",
+__all__ = ["Metrics", "NO_METRICS", "OPERATIONS",
            "BACKENDS", "CONTENT_TYPE"]
 
 BACKENDS = ("file", "nbd", "http")
@@ -235,8 +238,8 @@ class Metrics:
 
     def instrument(self, site, service: str) -> None:
         """
-        Make C{site}'s requests count as C{service}'s, and let its
-        handlers find this object (C{site.metrics}).
+        Make C{site}'s requests count as C{service}'s (C{site.metrics},
+        C{site.metricsService}: read by L{imageio.web.http.Request}).
         """
         site.metrics = self
         site.metricsService = service
@@ -385,13 +388,3 @@ class _NullMetrics:
 
 
 NO_METRICS = _NullMetrics()
-
-
-def forRequest(request):
-    """
-    @return: the L{Metrics} of the Site serving C{request}, or
-        L{NO_METRICS}.
-    """
-    channel = request.channel
-    site = getattr(channel, "site", None) or getattr(request, "site", None)
-    return getattr(site, "metrics", None) or NO_METRICS

@@ -9,7 +9,6 @@ dropped right after (SPEC B §6: bind, then drop, then serve).
 
 from __future__ import annotations
 
-import ast
 import grp
 import os
 import pwd
@@ -21,9 +20,6 @@ import uuid
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
-from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-    globalLogPublisher, textFileLogObserver)
 from twisted.logger import Logger as TwistedLogger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -31,28 +27,23 @@ from twisted.python.threadpool import ThreadPool
 from imageio.logs import Logger
 from imageio import endpoints as endpoints_
 from imageio import logs
-from imageio import compat, malloc, tickets, workers
+from imageio import compat, tickets
+from imageio.errors import StartupError
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
 from imageio.web.http import Root, makeSite
-from imageio.web.info import Info
 from imageio.web.metrics import MetricsPage
+from imageio.web.site import imagesSite, reclaim
 from imageio.web.tickets import Tickets
+from imageio.workers.mainside import SharedTicketStore, WorkerPool
 
-__all__ = ["ImageioService", "StartupError", "configureLogging",
-           "bindAddress"]
+__all__ = ["ImageioService", "StartupError", "bindAddress"]
 
 _log = Logger()
 
 # Where the services listen and when they are ready is logged whatever the
 # configured level: with port 0 it is the only way to learn the port.
 _lifecycle = TwistedLogger(namespace=__name__)
-
-
-class StartupError(Exception):
-    """
-    The daemon cannot start; the message says why, for the operator.
-    """
 
 
 def bindAddress(host: str, port: int, preferIPv4: bool = False):
@@ -173,30 +164,6 @@ class _Listener(service.Service):
             return defer.maybeDeferred(port.stopListening)
 
 
-def imagesSite(store, cfg, reactor, threadpool, withInfo, metrics=None,
-               name=None):
-    """
-    The Site serving C{/images} (and C{/info} when C{withInfo}): the
-    remote and local services, in the daemon or in a worker process.
-
-    @param metrics: the L{Metrics} to report to as service C{name}, or
-        C{None}.
-    """
-    from imageio.web.images import Images
-    from imageio.web.request import ImageioChannel, StreamingRequest
-    root = Root()
-    root.putChild(b"images", Images(store, cfg, reactor, threadpool))
-    if withInfo:
-        root.putChild(b"info", Info())
-    site = makeSite(root, reactor=reactor,
-                    requestFactory=StreamingRequest,
-                    channelFactory=ImageioChannel,
-                    timeout=60)
-    if metrics is not None:
-        metrics.instrument(site, name)
-    return site
-
-
 class _RefuseFactory(protocol.ServerFactory):
     """
     The factory of a listener only workers accept on (see L{WorkerPool}):
@@ -274,18 +241,6 @@ class _ThreadPoolService(service.Service):
         return done
 
 
-def reclaim() -> malloc.Reclaim:
-    """
-    The service giving the memory of finished transfers and closed
-    connections back (L{malloc.Reclaim}), for a daemon or worker process.
-    """
-    from imageio.web import bodyreader, bodywriter, request
-    return malloc.Reclaim(
-        activity=lambda: (bodywriter.SocketWriter.bodies
-                          + bodyreader.SocketReader.bodies
-                          + request.ImageioChannel.closed))
-
-
 class ImageioService(service.MultiService):
     """
     The whole daemon.
@@ -298,7 +253,7 @@ class ImageioService(service.MultiService):
     @ivar tls: the remote service's L{ReloadableTLS}, or C{None}.
     @ivar workers: the number of worker processes serving the remote and
         local services, or 1 when this process serves them.
-    @ivar pool: the L{workers.WorkerPool}, or C{None} with one process.
+    @ivar pool: the L{WorkerPool}, or C{None} with one process.
     """
 
     tls = None
@@ -320,7 +275,7 @@ class ImageioService(service.MultiService):
         self.confDir = confDir
         self.initialTicket = initialTicket
         self.clock = tickets.MonotonicClock(reactor)
-        storeClass = (workers.SharedTicketStore if self.workers > 1
+        storeClass = (SharedTicketStore if self.workers > 1
                       else tickets.TicketStore)
         self.store = storeClass(
             self.clock, inactivityTimeout=cfg.daemon.inactivity_timeout)
@@ -342,7 +297,7 @@ class ImageioService(service.MultiService):
         if self.workers > 1:
             # Added last: started after the listeners are bound, stopped
             # (workers terminated) before they close.
-            self.pool = workers.WorkerPool(
+            self.pool = WorkerPool(
                 reactor, self.store.hub, self.workers, confDir,
                 imageListeners)
             self.pool.setServiceParent(self)
@@ -493,7 +448,7 @@ class ImageioService(service.MultiService):
         if (self.config.control.enable
                 and self.config.control.transport == "unix"):
             paths.append(self.config.control.socket)
-        paths.extend(_logFiles(self.config))
+        paths.extend(logs.logFiles(self.config))
         for path in paths:
             try:
                 os.chown(path, user.pw_uid, group.gr_gid)
@@ -521,79 +476,3 @@ def _notifySystemd(message: bytes) -> None:
             s.sendall(message)
     except OSError as e:
         _log.warn("Cannot notify systemd: {error}", error=e)
-
-
-# Logging: the reference configures Python logging from the INI sections;
-# we honour the same sections with twisted.logger observers.
-
-_LEVELS = {
-    "DEBUG": LogLevel.debug, "INFO": LogLevel.info,
-    "WARNING": LogLevel.warn, "WARN": LogLevel.warn,
-    "ERROR": LogLevel.error, "CRITICAL": LogLevel.critical,
-}
-
-
-def _rootHandlers(cfg):
-    names = [n.strip() for n in cfg.logger_root.handlers.split(",")]
-    return [n for n in names if n]
-
-
-def _handlerSection(cfg, name):
-    return getattr(cfg, "handler_" + name, None)
-
-
-def _handlerClass(section) -> str:
-    for attr in ("keyword__class", "class_", "klass"):
-        if hasattr(section, attr):
-            return getattr(section, attr)
-    return ""
-
-
-def _handlerFile(section):
-    """
-    The log file a file handler section names, or None.
-    """
-    if "FileHandler" not in _handlerClass(section):
-        return None
-    try:
-        args = ast.literal_eval(section.args)
-    except (ValueError, SyntaxError):
-        return None
-    if isinstance(args, tuple) and args and isinstance(args[0], str):
-        return args[0]
-    return None
-
-
-def _logFiles(cfg):
-    files = []
-    for name in _rootHandlers(cfg):
-        section = _handlerSection(cfg, name)
-        if section is not None:
-            path = _handlerFile(section)
-            if path:
-                files.append(path)
-    return files
-
-
-def configureLogging(cfg, publisher=globalLogPublisher):
-    """
-    Apply C{[logger_root]}: its level drops our events below it at the
-    source (L{imageio.logs}: twistd's own observer has no filter), and a
-    file handler it names gets an observer writing to its file; a stream
-    handler is left to twistd, which already logs to stdout/stderr (or its
-    own log file).
-    """
-    level = _LEVELS.get(cfg.logger_root.level.upper(), LogLevel.info)
-    logs.setLevel(level)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    for path in _logFiles(cfg):
-        directory = os.path.dirname(path)
-        try:
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            f = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise StartupError(f"cannot open log file {path!r}: "
-                               f"{e.strerror}")
-        publisher.addObserver(FilteringLogObserver(
-            textFileLogObserver(f), [predicate]))

@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.python import usage
 
 from imageio import config as _config
-from imageio import errors, malloc, tickets
+from imageio import errors, logs, malloc, tickets
 
 __all__ = ["Options", "makeService"]
 
@@ -88,13 +88,13 @@ def makeService(options, reactor=None):
     malloc.tune()
     cfg = options["config"]
     try:
-        services.configureLogging(cfg)
+        logs.configureLogging(cfg)
         svc = services.ImageioService(
             cfg, reactor=reactor, initialTicket=options["initial-ticket"],
             confDir=options["conf-dir"])
         svc.installSignalHandlers()
         return svc
-    except services.StartupError as e:
+    except errors.StartupError as e:
         # An operator's mistake, not a bug: one clear line, no traceback.
         sys.stderr.write(f"imageio: {e}\n")
         raise SystemExit(1)

@@ -36,9 +36,9 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
-from imageio.logs import Logger
-from imageio.backends import SCHEMES
 from imageio.errors import BadRequest, Canceled, Conflict, Forbidden, NotFound
+from imageio.logs import Logger
+from imageio.schemes import SCHEMES
 
 __all__ = [
     "ITicketStore", "TicketStore", "Ticket", "Operation", "RangeList",

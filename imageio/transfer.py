@@ -35,14 +35,15 @@ from zope.interface import implementer
 
 from imageio.abilities import (
     IThreadTarget, IVectoredWrite, readDepth, writeDepth)
-from imageio.logs import Logger
+from imageio.deferreds import fireWaiters, whenResult
 from imageio.errors import PartialContent
+from imageio.logs import Logger
 from imageio.units import MiB
 
 __all__ = [
     "DownloadProducer", "UploadSink", "Written", "Region", "LimitExceeded",
     "ProducerStopped",
-    "readDepth", "writeDepth", "whenResult", "fireWaiters", "CHUNK_SIZE",
+    "readDepth", "writeDepth", "CHUNK_SIZE",
     "HIGH_WATER", "LOW_WATER",
 ]
 
@@ -305,35 +306,6 @@ class DownloadProducer:
         self._finished = True
         self._slots.clear()
         self._unregister()
-
-
-def whenResult(result, waiters: list) -> defer.Deferred:
-    """
-    A new L{Deferred} for a one-shot C{result}: fired now if the result is
-    known (a value, or a L{Failure} to errback with), else added to
-    C{waiters} for L{fireWaiters}. C{None} means not known yet.
-    """
-    d: defer.Deferred = defer.Deferred()
-    if result is None:
-        waiters.append(d)
-    elif isinstance(result, Failure):
-        d.errback(result)
-    else:
-        d.callback(result)
-    return d
-
-
-def fireWaiters(waiters: list, result) -> None:
-    """
-    Fire and empty the C{waiters} of L{whenResult} with C{result}.
-    """
-    pending = list(waiters)
-    waiters.clear()
-    for d in pending:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
 
 
 class Region:

@@ -23,7 +23,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.threadpool import ThreadPool
 
-from imageio import backends, blkhash
+from imageio import backends, blkhash, operations
 from imageio.backends.memory import MemoryBackend
 from imageio.config import Config
 from imageio.extents import DirtyExtent, ZeroExtent
@@ -417,7 +417,7 @@ async def test_routing(server):
     server.addTicket(data=b"abc")
     for path in ("/images/t1/", "/images/t1/foo", "/images/t1/extents/x",
                  "/images/t1/checksumx", "/images/t1/checksum/x",
-                 "/images"):
+                 "/images/t1/checksum/algorithms/", "/images"):
         r = await request(server.address, "GET", path)
         assert r.status == 404, path
         assert r.text == f"No handler for {path!r}\n"
@@ -1129,7 +1129,7 @@ async def test_checksum_reads_in_flight_bounded(server):
     await _waitFor(lambda: server.opened and server.opened[0].pending)
     await sleep(0.1)
     backend = server.opened[0]
-    assert backend.pending == images.CHECKSUM_READS
+    assert backend.pending == operations.CHECKSUM_READS
     backend.release()
     r = await d
     assert r.status == 200, r
@@ -1157,7 +1157,7 @@ async def test_checksum_read_ahead_bounded(server):
                        and server.opened[0].calls.count("read"))
         await sleep(0.2)
         read = server.opened[0].calls.count("read") * 1 * MiB
-        assert read == images.CHECKSUM_BUFFER
+        assert read == operations.CHECKSUM_BUFFER
     finally:
         busy.set()
     r = await d

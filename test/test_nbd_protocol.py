@@ -17,101 +17,102 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio.protocols import nbd
+from imageio.protocols import nbdwire as wire
 from imageio.protocols.nbd import (
     NBDClient, NBDConnectionLost, NBDOptionError, NBDOptionUnsupported,
     NBDProtocolError, NBDReplyError)
 
-FLAGS = (nbd.FLAG_HAS_FLAGS | nbd.FLAG_SEND_FLUSH | nbd.FLAG_SEND_WRITE_ZEROES
-         | nbd.FLAG_CAN_MULTI_CONN)
+FLAGS = (wire.FLAG_HAS_FLAGS | wire.FLAG_SEND_FLUSH
+         | wire.FLAG_SEND_WRITE_ZEROES | wire.FLAG_CAN_MULTI_CONN)
 SIZE = 1 << 30
 
 
 # Server side messages.
 
-def greeting(flags=nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES,
-             magic=nbd.NBDMAGIC):
-    return struct.pack("!QQH", magic, nbd.IHAVEOPT, flags)
+def greeting(flags=wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES,
+             magic=wire.NBDMAGIC):
+    return struct.pack("!QQH", magic, wire.IHAVEOPT, flags)
 
 
 def optReply(option, rtype, payload=b""):
-    return struct.pack("!QIII", nbd.OPTION_REPLY_MAGIC, option, rtype,
+    return struct.pack("!QIII", wire.OPTION_REPLY_MAGIC, option, rtype,
                        len(payload)) + payload
 
 
 def metaContext(option, cid, name):
-    return optReply(option, nbd.REP_META_CONTEXT,
+    return optReply(option, wire.REP_META_CONTEXT,
                     struct.pack("!I", cid) + name.encode())
 
 
 def infoExport(size=SIZE, flags=FLAGS):
-    return optReply(nbd.OPT_GO, nbd.REP_INFO,
-                    struct.pack("!HQH", nbd.INFO_EXPORT, size, flags))
+    return optReply(wire.OPT_GO, wire.REP_INFO,
+                    struct.pack("!HQH", wire.INFO_EXPORT, size, flags))
 
 
 def infoBlockSize(mn=1, pref=4096, mx=32 << 20):
-    return optReply(nbd.OPT_GO, nbd.REP_INFO,
-                    struct.pack("!HIII", nbd.INFO_BLOCK_SIZE, mn, pref, mx))
+    return optReply(wire.OPT_GO, wire.REP_INFO,
+                    struct.pack("!HIII", wire.INFO_BLOCK_SIZE, mn, pref, mx))
 
 
 def goReplies(size=SIZE, flags=FLAGS, mx=32 << 20):
     return (infoExport(size, flags)
             # An info we do not know (NBD_INFO_NAME) is skipped.
-            + optReply(nbd.OPT_GO, nbd.REP_INFO, struct.pack("!H", 1) + b"x")
+            + optReply(wire.OPT_GO, wire.REP_INFO, struct.pack("!H", 1) + b"x")
             + infoBlockSize(mx=mx)
-            + optReply(nbd.OPT_GO, nbd.REP_ACK))
+            + optReply(wire.OPT_GO, wire.REP_ACK))
 
 
 def setMetaReplies(names=("base:allocation", "qemu:allocation-depth")):
     out = b""
     for cid, name in enumerate(names):
-        out += metaContext(nbd.OPT_SET_META_CONTEXT, cid, name)
-    return out + optReply(nbd.OPT_SET_META_CONTEXT, nbd.REP_ACK)
+        out += metaContext(wire.OPT_SET_META_CONTEXT, cid, name)
+    return out + optReply(wire.OPT_SET_META_CONTEXT, wire.REP_ACK)
 
 
 def standardHandshake(mx=32 << 20, flags=FLAGS, size=SIZE):
     return (greeting()
-            + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+            + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
             + setMetaReplies()
             + goReplies(mx=mx, flags=flags, size=size))
 
 
 def simpleReply(handle, error=0, data=b""):
-    return struct.pack("!IIQ", nbd.SIMPLE_REPLY_MAGIC, error, handle) + data
+    return struct.pack("!IIQ", wire.SIMPLE_REPLY_MAGIC, error, handle) + data
 
 
 def chunk(handle, rtype, payload=b"", done=False):
-    return struct.pack("!IHHQI", nbd.STRUCTURED_REPLY_MAGIC,
-                       nbd.REPLY_FLAG_DONE if done else 0, rtype, handle,
+    return struct.pack("!IHHQI", wire.STRUCTURED_REPLY_MAGIC,
+                       wire.REPLY_FLAG_DONE if done else 0, rtype, handle,
                        len(payload)) + payload
 
 
 def dataChunk(handle, offset, data, done=False):
-    return chunk(handle, nbd.REPLY_TYPE_OFFSET_DATA,
+    return chunk(handle, wire.REPLY_TYPE_OFFSET_DATA,
                  struct.pack("!Q", offset) + data, done)
 
 
 def holeChunk(handle, offset, size, done=False):
-    return chunk(handle, nbd.REPLY_TYPE_OFFSET_HOLE,
+    return chunk(handle, wire.REPLY_TYPE_OFFSET_HOLE,
                  struct.pack("!QI", offset, size), done)
 
 
 def noneChunk(handle):
-    return chunk(handle, nbd.REPLY_TYPE_NONE, done=True)
+    return chunk(handle, wire.REPLY_TYPE_NONE, done=True)
 
 
 def statusChunk(handle, cid, extents, done=False):
     payload = struct.pack("!I", cid)
     for length, flags in extents:
         payload += struct.pack("!II", length, flags)
-    return chunk(handle, nbd.REPLY_TYPE_BLOCK_STATUS, payload, done)
+    return chunk(handle, wire.REPLY_TYPE_BLOCK_STATUS, payload, done)
 
 
 def errorChunk(handle, code, message=b"", done=True, offset=None):
     payload = struct.pack("!IH", code, len(message)) + message
-    rtype = nbd.REPLY_TYPE_ERROR
+    rtype = wire.REPLY_TYPE_ERROR
     if offset is not None:
         payload += struct.pack("!Q", offset)
-        rtype = nbd.REPLY_TYPE_ERROR_OFFSET
+        rtype = wire.REPLY_TYPE_ERROR_OFFSET
     return chunk(handle, rtype, payload, done)
 
 
@@ -128,7 +129,7 @@ def parseOptions(data):
     options = []
     while pos < len(data):
         magic, opt, length = struct.unpack("!QII", data[pos:pos + 16])
-        assert magic == nbd.IHAVEOPT
+        assert magic == wire.IHAVEOPT
         pos += 16
         options.append((opt, data[pos:pos + length]))
         pos += length
@@ -144,10 +145,10 @@ def parseRequests(data):
     while pos < len(data):
         magic, flags, cmd, handle, offset, length = struct.unpack(
             "!IHHQQI", data[pos:pos + 28])
-        assert magic == nbd.REQUEST_MAGIC
+        assert magic == wire.REQUEST_MAGIC
         pos += 28
         payload = b""
-        if cmd == nbd.CMD_WRITE:
+        if cmd == wire.CMD_WRITE:
             payload = data[pos:pos + length]
             pos += length
         out.append((flags, cmd, handle, offset, length, payload))
@@ -223,29 +224,29 @@ class HandshakeTests(SynchronousTestCase):
             self.assertFalse(transport.disconnecting)
 
             clientFlags, options = parseOptions(transport.value())
-            self.assertEqual(clientFlags, nbd.FLAG_FIXED_NEWSTYLE
-                             | nbd.FLAG_NO_ZEROES)
+            self.assertEqual(clientFlags, wire.FLAG_FIXED_NEWSTYLE
+                             | wire.FLAG_NO_ZEROES)
             self.assertEqual([o for o, _ in options],
-                             [nbd.OPT_STRUCTURED_REPLY,
-                              nbd.OPT_SET_META_CONTEXT, nbd.OPT_GO])
+                             [wire.OPT_STRUCTURED_REPLY,
+                              wire.OPT_SET_META_CONTEXT, wire.OPT_GO])
             self.assertEqual(parseQuery(options[1][1]),
                              ("sda", ["base:allocation",
                                       "qemu:allocation-depth"]))
             self.assertEqual(options[2][1], struct.pack(
-                "!I3sHH", 3, b"sda", 1, nbd.INFO_BLOCK_SIZE))
+                "!I3sHH", 3, b"sda", 1, wire.INFO_BLOCK_SIZE))
 
     def test_no_zeroes_not_offered(self):
         client, transport = makeClient()
-        feed(client, greeting(flags=nbd.FLAG_FIXED_NEWSTYLE))
+        feed(client, greeting(flags=wire.FLAG_FIXED_NEWSTYLE))
         self.assertEqual(transport.value()[:4],
-                         struct.pack("!I", nbd.FLAG_FIXED_NEWSTYLE))
+                         struct.pack("!I", wire.FLAG_FIXED_NEWSTYLE))
 
     def test_default_block_sizes(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies()
-             + infoExport() + optReply(nbd.OPT_GO, nbd.REP_ACK))
+             + infoExport() + optReply(wire.OPT_GO, wire.REP_ACK))
         self.successResultOf(client.whenReady)
         self.assertEqual((client.minimumBlockSize, client.preferredBlockSize,
                           client.maximumBlockSize), (1, 4096, 32 << 20))
@@ -255,18 +256,19 @@ class HandshakeTests(SynchronousTestCase):
         names = ("base:allocation", "qemu:allocation-depth",
                  "qemu:dirty-bitmap:b0")
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
-             + metaContext(nbd.OPT_LIST_META_CONTEXT, 0,
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
+             + metaContext(wire.OPT_LIST_META_CONTEXT, 0,
                            "qemu:dirty-bitmap:b0")
-             + optReply(nbd.OPT_LIST_META_CONTEXT, nbd.REP_ACK)
+             + optReply(wire.OPT_LIST_META_CONTEXT, wire.REP_ACK)
              + setMetaReplies(names) + goReplies(), 1)
         self.successResultOf(client.whenReady)
         self.assertEqual(client.dirtyBitmap, "qemu:dirty-bitmap:b0")
         self.assertEqual(client.metaContexts["qemu:dirty-bitmap:b0"], 2)
         _, options = parseOptions(transport.value())
         self.assertEqual([o for o, _ in options],
-                         [nbd.OPT_STRUCTURED_REPLY, nbd.OPT_LIST_META_CONTEXT,
-                          nbd.OPT_SET_META_CONTEXT, nbd.OPT_GO])
+                         [wire.OPT_STRUCTURED_REPLY,
+                          wire.OPT_LIST_META_CONTEXT,
+                          wire.OPT_SET_META_CONTEXT, wire.OPT_GO])
         self.assertEqual(parseQuery(options[1][1]),
                          ("", ["qemu:dirty-bitmap:"]))
         self.assertEqual(parseQuery(options[2][1])[1], list(names))
@@ -274,12 +276,12 @@ class HandshakeTests(SynchronousTestCase):
     def test_dirty_two_bitmaps(self):
         client, transport = makeClient(dirty=True)
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
-             + metaContext(nbd.OPT_LIST_META_CONTEXT, 0,
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
+             + metaContext(wire.OPT_LIST_META_CONTEXT, 0,
                            "qemu:dirty-bitmap:b0")
-             + metaContext(nbd.OPT_LIST_META_CONTEXT, 0,
+             + metaContext(wire.OPT_LIST_META_CONTEXT, 0,
                            "qemu:dirty-bitmap:b1")
-             + optReply(nbd.OPT_LIST_META_CONTEXT, nbd.REP_ACK)
+             + optReply(wire.OPT_LIST_META_CONTEXT, wire.REP_ACK)
              + setMetaReplies() + goReplies())
         self.successResultOf(client.whenReady)
         self.assertIsNone(client.dirtyBitmap)
@@ -290,9 +292,9 @@ class HandshakeTests(SynchronousTestCase):
     def test_dirty_list_unsupported(self):
         client, transport = makeClient(dirty=True)
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
-             + optReply(nbd.OPT_LIST_META_CONTEXT, nbd.REP_ERR_UNSUP)
-             + optReply(nbd.OPT_SET_META_CONTEXT, nbd.REP_ERR_UNSUP)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
+             + optReply(wire.OPT_LIST_META_CONTEXT, wire.REP_ERR_UNSUP)
+             + optReply(wire.OPT_SET_META_CONTEXT, wire.REP_ERR_UNSUP)
              + goReplies())
         self.successResultOf(client.whenReady)
         self.assertIsNone(client.dirtyBitmap)
@@ -302,7 +304,7 @@ class HandshakeTests(SynchronousTestCase):
     def test_structured_unsupported(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ERR_UNSUP,
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ERR_UNSUP,
                         b"no structured replies here")
              + goReplies(), 1)
         self.successResultOf(client.whenReady)
@@ -310,12 +312,12 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(client.metaContexts, {})
         _, options = parseOptions(transport.value())
         self.assertEqual([o for o, _ in options],
-                         [nbd.OPT_STRUCTURED_REPLY, nbd.OPT_GO])
+                         [wire.OPT_STRUCTURED_REPLY, wire.OPT_GO])
 
     def test_structured_other_error(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ERR_POLICY))
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ERR_POLICY))
         f = self.assertAborted(client, transport, NBDOptionError)
         self.assertIn("NBD_OPT_STRUCTURED_REPLY", str(f.value))
         self.assertIn("forbidden by server policy", str(f.value))
@@ -323,13 +325,13 @@ class HandshakeTests(SynchronousTestCase):
     def test_go_unknown_export_message(self):
         client, transport = makeClient("nope")
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies()
-             + optReply(nbd.OPT_GO, nbd.REP_ERR_UNKNOWN, b"export 'nope' not"
+             + optReply(wire.OPT_GO, wire.REP_ERR_UNKNOWN, b"export 'nope' not"
                         b" present"), 1)
         f = self.assertAborted(client, transport, NBDOptionError)
-        self.assertEqual(f.value.code, nbd.REP_ERR_UNKNOWN)
-        self.assertEqual(f.value.option, nbd.OPT_GO)
+        self.assertEqual(f.value.code, wire.REP_ERR_UNKNOWN)
+        self.assertEqual(f.value.option, wire.OPT_GO)
         self.assertEqual(f.value.message, "export 'nope' not present")
         self.assertIn("NBD_OPT_GO failed: export 'nope' not present",
                       str(f.value))
@@ -337,48 +339,48 @@ class HandshakeTests(SynchronousTestCase):
     def test_go_error_builtin_text(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies()
-             + optReply(nbd.OPT_GO, nbd.REP_ERR_TLS_REQD))
+             + optReply(wire.OPT_GO, wire.REP_ERR_TLS_REQD))
         f = self.assertAborted(client, transport, NBDOptionError)
         self.assertEqual(f.value.message, "server requires TLS")
 
     def test_go_unsupported(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies()
-             + optReply(nbd.OPT_GO, nbd.REP_ERR_UNSUP))
+             + optReply(wire.OPT_GO, wire.REP_ERR_UNSUP))
         self.assertAborted(client, transport, NBDOptionUnsupported)
 
     def test_go_without_export_info(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
-             + setMetaReplies() + optReply(nbd.OPT_GO, nbd.REP_ACK))
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
+             + setMetaReplies() + optReply(wire.OPT_GO, wire.REP_ACK))
         self.assertAborted(client, transport, NBDProtocolError)
 
     def test_bad_info_length(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies()
-             + optReply(nbd.OPT_GO, nbd.REP_INFO,
-                        struct.pack("!HQ", nbd.INFO_EXPORT, 1)))
+             + optReply(wire.OPT_GO, wire.REP_INFO,
+                        struct.pack("!HQ", wire.INFO_EXPORT, 1)))
         self.assertAborted(client, transport, NBDProtocolError)
 
     def test_unexpected_meta_context(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
-             + metaContext(nbd.OPT_SET_META_CONTEXT, 5, "evil:context"))
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
+             + metaContext(wire.OPT_SET_META_CONTEXT, 5, "evil:context"))
         f = self.assertAborted(client, transport, NBDProtocolError)
         self.assertIn("evil:context", str(f.value))
 
     def test_missing_meta_context(self):
         client, transport = makeClient()
         feed(client, greeting()
-             + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+             + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
              + setMetaReplies(["base:allocation"]) + goReplies())
         self.successResultOf(client.whenReady)
         self.assertTrue(client.hasBaseAllocation)
@@ -386,7 +388,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_reply_for_other_option(self):
         client, transport = makeClient()
-        feed(client, greeting() + optReply(nbd.OPT_GO, nbd.REP_ACK))
+        feed(client, greeting() + optReply(wire.OPT_GO, wire.REP_ACK))
         self.assertAborted(client, transport, NBDProtocolError)
 
     def test_bad_option_reply_magic(self):
@@ -401,7 +403,7 @@ class HandshakeTests(SynchronousTestCase):
 
     def test_oldstyle_server(self):
         client, transport = makeClient()
-        feed(client, struct.pack("!QQ", nbd.NBDMAGIC, 0x00420281861253)
+        feed(client, struct.pack("!QQ", wire.NBDMAGIC, 0x00420281861253)
              + b"\0" * 10)
         f = self.assertAborted(client, transport, NBDProtocolError)
         self.assertIn("newstyle", str(f.value))
@@ -416,8 +418,8 @@ class HandshakeTests(SynchronousTestCase):
     def test_option_reply_too_long(self):
         client, transport = makeClient()
         feed(client, greeting() + struct.pack(
-            "!QIII", nbd.OPTION_REPLY_MAGIC, nbd.OPT_STRUCTURED_REPLY,
-            nbd.REP_ACK, 1 << 30))
+            "!QIII", wire.OPTION_REPLY_MAGIC, wire.OPT_STRUCTURED_REPLY,
+            wire.REP_ACK, 1 << 30))
         self.assertAborted(client, transport, NBDProtocolError)
 
     def test_closed_during_handshake(self):
@@ -436,7 +438,7 @@ class HandshakeTests(SynchronousTestCase):
         transport.clear()
         d = client.close()
         self.assertEqual(transport.value(), struct.pack(
-            "!QII", nbd.IHAVEOPT, nbd.OPT_ABORT, 0))
+            "!QII", wire.IHAVEOPT, wire.OPT_ABORT, 0))
         self.assertTrue(transport.disconnecting)
         self.assertNoResult(d)
         disconnect(client, transport)
@@ -449,11 +451,11 @@ def readyClient(structured=True, mx=32 << 20, flags=FLAGS, size=SIZE,
     client, transport = makeClient()
     if structured:
         data = (greeting()
-                + optReply(nbd.OPT_STRUCTURED_REPLY, nbd.REP_ACK)
+                + optReply(wire.OPT_STRUCTURED_REPLY, wire.REP_ACK)
                 + setMetaReplies(names))
     else:
-        data = greeting() + optReply(nbd.OPT_STRUCTURED_REPLY,
-                                     nbd.REP_ERR_UNSUP)
+        data = greeting() + optReply(wire.OPT_STRUCTURED_REPLY,
+                                     wire.REP_ERR_UNSUP)
     client.dataReceived(data + goReplies(size=size, flags=flags, mx=mx))
     assert client.whenReady.called
     transport.clear()
@@ -469,7 +471,7 @@ class TransmissionTests(SynchronousTestCase):
             [(flags, cmd, handle, offset, length, _)] = parseRequests(
                 transport.value())
             self.assertEqual((flags, cmd, offset, length),
-                             (0, nbd.CMD_READ, 4096, 100))
+                             (0, wire.CMD_READ, 4096, 100))
             feed(client, simpleReply(handle, data=bytes(range(100))), step)
             self.assertEqual(self.successResultOf(d), bytes(range(100)))
 
@@ -523,9 +525,9 @@ class TransmissionTests(SynchronousTestCase):
         d = client.read(100, 10000)
         reqs = parseRequests(transport.value())
         self.assertEqual([(r[1], r[3], r[4]) for r in reqs],
-                         [(nbd.CMD_READ, 100, 4096),
-                          (nbd.CMD_READ, 4196, 4096),
-                          (nbd.CMD_READ, 8292, 1808)])
+                         [(wire.CMD_READ, 100, 4096),
+                          (wire.CMD_READ, 4196, 4096),
+                          (wire.CMD_READ, 8292, 1808)])
         payload = bytes(i % 251 for i in range(10000))
         # Answer in reverse order.
         for _, _, h, off, n, _ in reversed(reqs):
@@ -562,7 +564,7 @@ class TransmissionTests(SynchronousTestCase):
             client, transport = readyClient()
             d = client.readPieces(1 << 20, 8192)
             [req] = parseRequests(transport.value())
-            self.assertEqual(req[1:5][0], nbd.CMD_READ)
+            self.assertEqual(req[1:5][0], wire.CMD_READ)
             h = req[2]
             stream = (dataChunk(h, (1 << 20) + 4096, data)
                       + holeChunk(h, (1 << 20) + 1024, 3072)
@@ -648,7 +650,7 @@ class TransmissionTests(SynchronousTestCase):
         client.blockStatus(512, 2 << 30)
         [req] = parseRequests(transport.value())
         self.assertEqual((req[0], req[1], req[3], req[4]),
-                         (0, nbd.CMD_BLOCK_STATUS, 512, 2 << 30))
+                         (0, wire.CMD_BLOCK_STATUS, 512, 2 << 30))
 
     def test_block_status_without_contexts(self):
         client, transport = readyClient(structured=False)
@@ -674,7 +676,7 @@ class TransmissionTests(SynchronousTestCase):
             client, transport = readyClient()
             d = client.blockStatus(0, 4096)
             [req] = parseRequests(transport.value())
-            feed(client, chunk(req[2], nbd.REPLY_TYPE_BLOCK_STATUS, payload,
+            feed(client, chunk(req[2], wire.REPLY_TYPE_BLOCK_STATUS, payload,
                                done=True))
             self.assertTrue(transport.disconnecting)
             disconnect(client, transport)
@@ -710,7 +712,7 @@ class TransmissionTests(SynchronousTestCase):
         client, transport = readyClient()
         d = client.flush()
         [req] = parseRequests(transport.value())
-        feed(client, chunk(req[2], nbd.REPLY_TYPE_ERROR_BIT + 99,
+        feed(client, chunk(req[2], wire.REPLY_TYPE_ERROR_BIT + 99,
                            struct.pack("!IH", 1, 0), done=True))
         self.assertEqual(self.failureResultOf(d, NBDReplyError).value.errno,
                          errno.EPERM)
@@ -734,12 +736,12 @@ class TransmissionTests(SynchronousTestCase):
 
     def test_bad_error_chunks(self):
         bad = [
-            chunk(0, nbd.REPLY_TYPE_ERROR, b"\0\0\0\5\0", done=True),
-            chunk(0, nbd.REPLY_TYPE_ERROR, struct.pack("!IH", 5, 10) + b"x",
+            chunk(0, wire.REPLY_TYPE_ERROR, b"\0\0\0\5\0", done=True),
+            chunk(0, wire.REPLY_TYPE_ERROR, struct.pack("!IH", 5, 10) + b"x",
                   done=True),
-            chunk(0, nbd.REPLY_TYPE_ERROR, struct.pack("!IH", 0, 0),
+            chunk(0, wire.REPLY_TYPE_ERROR, struct.pack("!IH", 0, 0),
                   done=True),
-            chunk(0, nbd.REPLY_TYPE_ERROR_OFFSET, struct.pack("!IH", 5, 0),
+            chunk(0, wire.REPLY_TYPE_ERROR_OFFSET, struct.pack("!IH", 5, 0),
                   done=True),
         ]
         for stream in bad:
@@ -762,20 +764,20 @@ class TransmissionTests(SynchronousTestCase):
             lambda h: holeChunk(h, 8, 4, done=True),
             lambda h: holeChunk(h, 0, 0, done=True),
             # Data chunk without data.
-            lambda h: chunk(h, nbd.REPLY_TYPE_OFFSET_DATA,
+            lambda h: chunk(h, wire.REPLY_TYPE_OFFSET_DATA,
                             struct.pack("!Q", 0), done=True),
             # Short read: DONE before all data arrived.
             lambda h: dataChunk(h, 0, b"x" * 5, done=True),
             # NONE without DONE, NONE with payload.
-            lambda h: chunk(h, nbd.REPLY_TYPE_NONE),
-            lambda h: chunk(h, nbd.REPLY_TYPE_NONE, b"x", done=True),
+            lambda h: chunk(h, wire.REPLY_TYPE_NONE),
+            lambda h: chunk(h, wire.REPLY_TYPE_NONE, b"x", done=True),
             # Unknown non-error chunk type.
             lambda h: chunk(h, 77, b"", done=True),
             # Block status for a read.
             lambda h: statusChunk(h, 0, [(10, 0)], done=True),
             # Huge chunk.
-            lambda h: struct.pack("!IHHQI", nbd.STRUCTURED_REPLY_MAGIC, 1,
-                                  nbd.REPLY_TYPE_BLOCK_STATUS, h, 1 << 31),
+            lambda h: struct.pack("!IHHQI", wire.STRUCTURED_REPLY_MAGIC, 1,
+                                  wire.REPLY_TYPE_BLOCK_STATUS, h, 1 << 31),
         ]
         for make in cases:
             client, transport = readyClient()
@@ -818,7 +820,7 @@ class TransmissionTests(SynchronousTestCase):
         d = client.write(4096, bytearray(b"hello"))
         [req] = parseRequests(transport.value())
         self.assertEqual((req[0], req[1], req[3], req[4], req[5]),
-                         (0, nbd.CMD_WRITE, 4096, 5, b"hello"))
+                         (0, wire.CMD_WRITE, 4096, 5, b"hello"))
         feed(client, simpleReply(req[2]))
         self.assertIsNone(self.successResultOf(d))
 
@@ -831,7 +833,7 @@ class TransmissionTests(SynchronousTestCase):
                          [(10, 4, b"0123"), (14, 4, b"4567"), (18, 2, b"89")])
         for r in reqs:
             self.assertNoResult(d)
-            feed(client, chunk(r[2], nbd.REPLY_TYPE_NONE, done=True))
+            feed(client, chunk(r[2], wire.REPLY_TYPE_NONE, done=True))
         self.assertIsNone(self.successResultOf(d))
 
     def test_write_empty(self):
@@ -840,11 +842,11 @@ class TransmissionTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
 
     def test_zero(self):
-        for noHole, flags in [(False, 0), (True, nbd.CMD_FLAG_NO_HOLE)]:
+        for noHole, flags in [(False, 0), (True, wire.CMD_FLAG_NO_HOLE)]:
             client, transport = readyClient()
             d = client.zero(0, 1 << 20, noHole=noHole)
             [req] = parseRequests(transport.value())
-            self.assertEqual(req[:2], (flags, nbd.CMD_WRITE_ZEROES))
+            self.assertEqual(req[:2], (flags, wire.CMD_WRITE_ZEROES))
             self.assertEqual(req[3:5], (0, 1 << 20))
             feed(client, noneChunk(req[2]))
             self.successResultOf(d)
@@ -861,7 +863,7 @@ class TransmissionTests(SynchronousTestCase):
         self.successResultOf(d)
 
     def test_zero_unsupported(self):
-        client, transport = readyClient(flags=nbd.FLAG_HAS_FLAGS)
+        client, transport = readyClient(flags=wire.FLAG_HAS_FLAGS)
         self.assertFalse(client.canZero)
         self.failureResultOf(client.zero(0, 10), nbd.NBDError)
         self.assertEqual(transport.value(), b"")
@@ -870,13 +872,13 @@ class TransmissionTests(SynchronousTestCase):
         client, transport = readyClient()
         d = client.flush()
         [req] = parseRequests(transport.value())
-        self.assertEqual(req[1], nbd.CMD_FLUSH)
+        self.assertEqual(req[1], wire.CMD_FLUSH)
         feed(client, noneChunk(req[2]))
         self.successResultOf(d)
 
     def test_flush_not_advertised(self):
-        client, transport = readyClient(flags=nbd.FLAG_HAS_FLAGS
-                                        | nbd.FLAG_READ_ONLY)
+        client, transport = readyClient(flags=wire.FLAG_HAS_FLAGS
+                                        | wire.FLAG_READ_ONLY)
         self.assertTrue(client.readOnly)
         self.assertFalse(client.canFlush)
         self.successResultOf(client.flush())
@@ -889,7 +891,7 @@ class TransmissionTests(SynchronousTestCase):
         c1 = client.close()
         c2 = client.close()
         [req] = parseRequests(transport.value())
-        self.assertEqual(req[1], nbd.CMD_DISC)
+        self.assertEqual(req[1], wire.CMD_DISC)
         self.assertTrue(transport.disconnecting)
         self.assertNoResult(c1)
         self.failureResultOf(client.read(0, 1), NBDConnectionLost)
@@ -939,7 +941,7 @@ class ConnectTests(SynchronousTestCase):
 
 @pytest.mark.parametrize("code", [1, 5, 12, 22, 28, 75, 108, 4242])
 def test_reply_error_text(code):
-    e = nbd._replyError(code, "msg")
+    e = wire._replyError(code, "msg")
     assert str(e).startswith("msg: [Error ")
     assert e.message == "msg"
 

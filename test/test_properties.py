@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.internet.error import ConnectionDone
 
 from imageio import config, errors
-from imageio.protocols import nbd, nbdurl
+from imageio.protocols import nbd, nbdurl, nbdwire
 from imageio.tickets import Ticket, TicketStore
 from imageio.web import http, request, validate
 from imageio.web.images import parseContentRange, parseRange
@@ -400,12 +400,12 @@ replyHeaders = st.one_of(
     # A plausible reply header for one of our handles, then junk.
     st.builds(
         lambda handle, error, rest: struct.pack(
-            "!IIQ", nbd.SIMPLE_REPLY_MAGIC, error, handle) + rest,
+            "!IIQ", nbdwire.SIMPLE_REPLY_MAGIC, error, handle) + rest,
         st.integers(0, 6), st.integers(0, 2**32 - 1),
         st.binary(max_size=100)),
     st.builds(
         lambda flags, rtype, handle, length, rest: struct.pack(
-            "!IHHQI", nbd.STRUCTURED_REPLY_MAGIC, flags, rtype, handle,
+            "!IHHQI", nbdwire.STRUCTURED_REPLY_MAGIC, flags, rtype, handle,
             length) + rest,
         st.integers(0, 3), st.sampled_from(
             [0, 1, 2, 3, 5, 32769, 32770, 32768, 7, 65535]),

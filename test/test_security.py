@@ -573,9 +573,9 @@ async def test_patch_zero_without_fast_zero(server, tmp_path, monkeypatch,
     # cancel stops a running zero within one step. The first step used to
     # be the whole range (up to 64 GiB of written zeroes, uncancellable).
     from imageio.backends.file import FileBackend
-    from imageio.web import images
+    from imageio import operations
     step = MiB
-    monkeypatch.setattr(images, "MAX_ZERO_STEP", step)
+    monkeypatch.setattr(operations, "MAX_ZERO_STEP", step)
     monkeypatch.setattr(FileBackend, "_tryFallocate",
                         lambda self, mode, offset, length: False)
     calls = []

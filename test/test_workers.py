@@ -373,7 +373,8 @@ def test_hub_survives_send_failures():
     from twisted.internet.task import Clock
     from twisted.logger import globalLogPublisher
 
-    from imageio.workers import AddTicket, SharedTicketStore, _BigUnicode
+    from imageio.workers.commands import AddTicket, _BigUnicode
+    from imageio.workers.mainside import SharedTicketStore
 
     class Broken:
         index = 7

@@ -14,14 +14,10 @@ from urllib.parse import urlsplit
 
 from zope.interface import Attribute, Interface
 
+from imageio import schemes
 from imageio.errors import BadRequest
 
-__all__ = ["IBackend", "open", "SCHEMES"]
-
-# Ticket url schemes accepted by the control API (the reference's set; SPEC
-# B §2: anything else is 400 "Unsupported url scheme"). nbd+unix is our
-# addition (SPEC A7).
-SCHEMES = ("file", "nbd", "nbd+unix", "http", "https")
+__all__ = ["IBackend", "open"]
 
 
 class IBackend(Interface):
@@ -106,15 +102,15 @@ def open(reactor, url, *, mode, sparse=False, dirty=False, config=None,
     @return: L{Deferred} firing with an L{IBackend}.
     """
     scheme = urlsplit(url).scheme
-    if scheme == "file":
+    if scheme in schemes.FILE:
         from imageio.backends import file
         return file.open(reactor, url, mode=mode, sparse=sparse,
                          config=config, threadpool=threadpool)
-    if scheme in ("nbd", "nbd+unix"):
+    if scheme in schemes.NBD:
         from imageio.backends import nbd
         return nbd.open(reactor, url, mode=mode, sparse=sparse, dirty=dirty,
                         config=config)
-    if scheme in ("http", "https"):
+    if scheme in schemes.HTTP:
         from imageio.backends import http
         return http.open(reactor, url, mode=mode, sparse=sparse,
                          dirty=dirty, config=config)

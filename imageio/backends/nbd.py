@@ -21,7 +21,7 @@ from imageio.logs import Logger
 from imageio.backends import IBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import DirtyExtent, ZeroExtent
-from imageio.protocols import nbd, nbdthread
+from imageio.protocols import nbd, nbdthread, nbdwire
 from imageio.units import MiB
 
 __all__ = ["open", "NBDBackend"]
@@ -35,7 +35,7 @@ DEFAULT_BUFFER_SIZE = 8 * MiB
 # the daemon ~0.3 s of CPU instead of ~0.5 s. The time is qemu-nbd's, which
 # reads every 4 KiB L2 slice of a qcow2 image one by one, the same for any
 # step size or depth (docs/architecture.md, "Data paths").
-MAX_STATUS_STEP = nbd.MAX_LENGTH + 1 - 1 * MiB
+MAX_STATUS_STEP = nbdwire.MAX_LENGTH + 1 - 1 * MiB
 
 # Block status requests in flight while listing extents: the server always
 # has the next one while we parse a reply. Steps times depth bounds the

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from imageio.protocols.nbd import (
+from imageio.protocols.nbdwire import (
     _REQUEST, _SIMPLE_REPLY, _STRUCTURED_REPLY, _U32, CMD_READ, CMD_WRITE,
     REPLY_FLAG_DONE, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE,
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC,

@@ -47,7 +47,7 @@ from twisted.internet import defer
 from imageio import compat, transfer
 from imageio.errors import BackendError
 from imageio.logs import Logger
-from imageio.transfer import fireWaiters, whenResult
+from imageio.deferreds import fireWaiters, whenResult
 from imageio.units import MiB
 from imageio.web import handoff
 

@@ -47,8 +47,8 @@ from imageio.compat import ffi as _ffi, lib as _lib
 from imageio.logs import Logger
 from imageio.protocols.nbd import NBDError
 from imageio.protocols.nbdthread import Broken as NBDBroken
-from imageio.transfer import (
-    ProducerStopped, Region, fireWaiters, whenResult)
+from imageio.deferreds import fireWaiters, whenResult
+from imageio.transfer import ProducerStopped, Region
 from imageio.units import MiB
 from imageio.web import handoff, readahead
 

@@ -17,68 +17,49 @@ Every request that reads or writes image data runs as a ticket operation
 stops at the next chunk when the ticket is canceled, and touches the ticket
 when it ends. Extents requests do not.
 
-Bytes and backend latencies go to the daemon's metrics
-(L{imageio.metrics}), found through the request's Site: the streaming
-pumps report their own reads and writes; the handlers here report zero,
-flush, extents, checksum and the proxy streams.
+Routing: L{Images} has a child per ticket id (L{Images.getChild}), an
+L{_Image} made for the request, whose children are C{extents} and
+C{checksum} (and its child C{algorithms}); anything else is L{NoHandler}.
+
+Zero, flush, extents and checksum are run by L{imageio.operations}; this
+module validates, authorizes, opens the backend and answers.
+
+Bytes and backend latencies go to the metrics L{Images} was built with
+(L{imageio.metrics}): the streaming pumps report their own reads and
+writes; L{imageio.operations} reports zero, flush, extents and checksum;
+the handlers here the proxy streams.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from imageio.logs import Logger
-from imageio import backends, blkhash, compat, errors, metrics, transfer
+from imageio import backends, blkhash, compat, errors, operations, transfer
 from imageio.extents import encode as encodeExtents
 from imageio.backends import http as httpbackend
-from imageio.units import MiB
+from imageio.metrics import NO_METRICS
 from imageio.web import bodywriter, validate
 from imageio.web.request import finishIfConnected
 from imageio.web.http import (
-    Resource, asyncRender, closeAfterResponse, cors, emptyResponse,
-    jsonBody, queryArgs, readJSON, requestPath)
+    NoHandler, Resource, asyncRender, closeAfterResponse, cors,
+    emptyResponse, jsonBody, queryArgs, readJSON, requestPath)
 
 __all__ = ["Images", "parseRange", "parseContentRange"]
 
 BASE_FEATURES = ["checksum", "extents"]
 ALL_FEATURES = BASE_FEATURES + ["flush", "zero"]
 
-# The reference zeroes in steps of at most 128 MiB, checking for cancel
-# between steps (some storage times out on larger requests).
-MAX_ZERO_STEP = 128 * MiB
-
 MIN_BLOCK_SIZE = blkhash.BLOCK_SIZE // 4
 MAX_BLOCK_SIZE = blkhash.BLOCK_SIZE * 4
 
 # Extents lists longer than this are encoded in the thread pool.
 _BIG_EXTENTS = 10000
-
-# The checksum reads ahead and hashes data blocks on several pool threads
-# at once, holding at most this many bytes of blocks (and at least two).
-# The daemon's peak RSS during the bench's checksums: 58 MiB idle, 90 MiB
-# (file) and 100 MiB (nbd) with 16 MiB; 104 and 127 MiB with 32 MiB.
-CHECKSUM_BUFFER = 16 * MiB
-
-# Reads of a checksum in flight, and their size. Each read's result is a
-# new bytes object: below malloc's mmap threshold (imageio.malloc, 4 MiB)
-# it comes from the arenas instead of a fresh mapping faulted in page by
-# page (4 MiB reads cost 25% more CPU on the bench's 4 GiB mixed image, and
-# the checksum ran 1.15x the reference's speed instead of 1.7x). Two reads
-# in flight keep the file backend on its idle aligned buffers instead of
-# mapping new ones (4 cost more CPU), and already keep the hashing threads
-# fed.
-CHECKSUM_READ_SIZE = 2 * MiB
-CHECKSUM_READS = 2
-
-# Runs of zero blocks longer than this are added in the pool: an 8 TiB hole
-# is two million digests for the outer hash (~0.1 s).
-_ZERO_RUN_IN_REACTOR = 64 * 1024 * MiB
 
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+|\*)/([0-9]+|\*)")
@@ -213,14 +194,16 @@ class _Upload:
 
     @ivar flush: flush the backend after the body is written; false when
         the upstream PUT flushes as part of it.
+    @ivar metrics: the L{imageio.metrics.Metrics} of the L{Images}.
     """
 
     def __init__(self, request, ticket, operation, backend, offset: int,
-                 limit: int, flush: bool, chunked: bool = False):
+                 limit: int, flush: bool, chunked: bool = False,
+                 metrics=NO_METRICS):
         self.ticket = ticket
         self.operation = operation
         self.flush = flush
-        self.metrics = metrics.forRequest(request)
+        self.metrics = metrics
         if not chunked and _isProxy(ticket):
             # A chunked body has no length to announce upstream (the
             # reference requires a Content-Length): it goes through the
@@ -301,23 +284,23 @@ class _Upload:
 
 class _Handler(Resource):
     """
-    Base of the resources below C{/images/{id}}.
+    Base of the resources below C{/images/{id}}: made for one request (by
+    L{Images.getChild} and the children's C{getChild}). A child this
+    resource does not have is L{NoHandler}.
+
+    @ivar images: the L{Images}.
+    @ivar ticketId: the C{{id}} segment of the path (C{""} if empty).
     """
 
-    isLeaf = True
-
-    def __init__(self, images: Images):
+    def __init__(self, images: Images, ticketId: str):
         super().__init__()
         self.images = images
+        self.ticketId = ticketId
 
-    def ticketId(self, request) -> str:
-        return request.postpath[0].decode("utf-8", "replace")
-
-    def requireId(self, request) -> str:
-        ticketId = self.ticketId(request)
-        if not ticketId:
+    def requireId(self) -> str:
+        if not self.ticketId:
             raise errors.BadRequest("Ticket id is required")
-        return ticketId
+        return self.ticketId
 
 
 class _Image(_Handler):
@@ -326,6 +309,13 @@ class _Image(_Handler):
     """
 
     _log = Logger()
+
+    def getChild(self, name, request):
+        if name == b"extents":
+            return _Extents(self.images, self.ticketId)
+        if name == b"checksum":
+            return _Checksum(self.images, self.ticketId)
+        return NoHandler()
 
     # GET and HEAD
 
@@ -339,7 +329,7 @@ class _Image(_Handler):
 
     async def _read(self, request, head: bool):
         cors(request)
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         args = queryArgs(request)
         if args.get("close") == "y":
             closeAfterResponse(request)
@@ -386,7 +376,7 @@ class _Image(_Handler):
 
         self._log.debug("READ size={size} offset={offset} transfer={tid}",
                         size=size, offset=offset, tid=ticket.transferId)
-        stats = metrics.forRequest(request)
+        stats = self.images.metrics
         op = ticket.startOperation(offset, size)
         try:
             readTo = getattr(backend, "readTo", None)
@@ -453,7 +443,7 @@ class _Image(_Handler):
         @raise errors.HTTPError: the request is refused.
         """
         cors(request)
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         args = queryArgs(request)
         if args.get("close") == "y":
             closeAfterResponse(request)
@@ -482,7 +472,7 @@ class _Image(_Handler):
         backend = self.images.backendFor(request, ticket)
         op = ticket.startOperation(offset, limit)
         return _Upload(request, ticket, op, backend, offset, limit, flush,
-                       chunked)
+                       chunked, metrics=self.images.metrics)
 
     @asyncRender
     async def render_PUT(self, request):
@@ -508,7 +498,7 @@ class _Image(_Handler):
 
     @asyncRender
     async def render_PATCH(self, request):
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         msg = validate.requireObject(readJSON(request))
         op = validate.enum(msg, "op", ("zero", "flush"))
         if op == "zero":
@@ -528,60 +518,21 @@ class _Image(_Handler):
         self._log.debug("ZERO size={size} offset={offset} flush={flush} "
                         "transfer={tid}", size=size, offset=offset,
                         flush=flush, tid=ticket.transferId)
-        stats = metrics.forRequest(request)
-        meter = stats.meter(backend)
-        op = ticket.startOperation(offset, size)
-        # Steps as large as the backend says zeroing stays cheap *now* (a
-        # sparse file punches 64 GiB holes at once, once it did one; asked
-        # again before each step, since the first steps tell the backend
-        # what the filesystem can do), else ordinary steps a cancel can
-        # stop between; as many in flight as its writes (an NBD connection
-        # keeps them in order).
-        depth = transfer.writeDepth(backend)
-        pending: deque = deque()
-        try:
-            pos, end = offset, offset + size
-            while pos < end or pending:
-                while pos < end and len(pending) < depth:
-                    op.check()
-                    maxStep = (getattr(backend, "maxZeroStep", None)
-                               or MAX_ZERO_STEP)
-                    step = min(end - pos, maxStep)
-                    pending.append((backend.zero(pos, step), step,
-                                    time.monotonic()))
-                    pos += step
-                d, step, started = pending.popleft()
-                await d
-                meter.zero(step, time.monotonic() - started)
-                op.progress(step)
-            if flush:
-                with stats.timed("flush"):
-                    await backend.flush()
-        finally:
-            for d, _, _ in pending:
-                # Failed or stopped early: the others' outcome is moot.
-                d.addErrback(lambda _: None)
-            op.finish()
-        op.check()
+        await operations.zero(backend, ticket, offset, size, flush=flush,
+                              metrics=self.images.metrics)
 
     async def _flush(self, request, ticketId) -> None:
         ticket = self.images.store.authorize(ticketId, "write")
         backend = await self.images.backendFor(request, ticket)
         self._log.info("FLUSH transfer={tid}", tid=ticket.transferId)
-        op = ticket.startOperation(0, 0)
-        try:
-            with metrics.forRequest(request).timed("flush"):
-                await backend.flush()
-        finally:
-            op.finish()
-        op.check()
+        await operations.flush(backend, ticket, metrics=self.images.metrics)
 
     # OPTIONS
 
     @asyncRender
     async def render_OPTIONS(self, request):
         cors(request, b"OPTIONS,GET,PUT")
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         options = {}
         config = self.images.config
         if config.local.enable:
@@ -614,7 +565,7 @@ class _Extents(_Handler):
 
     @asyncRender
     async def render_GET(self, request):
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         ticket = self.images.store.authorize(ticketId, "read")
         backend = await self.images.backendFor(request, ticket)
         args = queryArgs(request)
@@ -626,10 +577,9 @@ class _Extents(_Handler):
         length = _nonNegative(args, "length")
         self._log.info("EXTENTS transfer={tid} context={context}",
                        tid=ticket.transferId, context=context)
-        with metrics.forRequest(request).timed("extents"):
-            extents = await backend.extents(context)
-        if start is not None or length is not None:
-            extents = _clip(extents, start or 0, length)
+        extents = await operations.extents(
+            backend, context, start=start, length=length,
+            metrics=self.images.metrics)
         if len(extents) > _BIG_EXTENTS:
             # A million extents take ~0.4 s to encode: not in the reactor.
             body = await deferToThreadPool(
@@ -650,27 +600,6 @@ def _nonNegative(args: dict, name: str) -> int | None:
     return int(value)
 
 
-def _clip(extents, start: int, length: int | None):
-    """
-    The part of C{extents} inside C{[start, start + length)}.
-    """
-    end = None if length is None else start + length
-    result = []
-    for e in extents:
-        if e.end <= start:
-            continue
-        if end is not None and e.start >= end:
-            break
-        first = max(e.start, start)
-        last = e.end if end is None else min(e.end, end)
-        if first == e.start and last == e.end:
-            result.append(e)
-        else:
-            result.append(type(e)(**{**e.__dict__, "start": first,
-                                     "length": last - first}))
-    return result
-
-
 class _Checksum(_Handler):
     """
     C{/images/{id}/checksum[?algorithm=A][&block_size=N]}.
@@ -680,7 +609,7 @@ class _Checksum(_Handler):
 
     @asyncRender
     async def render_GET(self, request):
-        ticketId = self.requireId(request)
+        ticketId = self.requireId()
         args = queryArgs(request)
         algorithm = validate.enum(args, "algorithm", blkhash.ALGORITHMS,
                                   default=blkhash.ALGORITHM)
@@ -705,146 +634,16 @@ class _Checksum(_Handler):
             "CHECKSUM transfer={tid} algorithm={algorithm} "
             "block_size={blockSize}", tid=ticket.transferId,
             algorithm=algorithm, blockSize=blockSize)
-        size = backend.size()
-        stats = metrics.forRequest(request)
-        op = ticket.startOperation(0, size)
-        try:
-            with stats.timed("checksum"):
-                result = await self._compute(backend, op, algorithm,
-                                             blockSize, size, stats)
-        finally:
-            op.finish()
-        op.check()
+        result = await operations.checksum(
+            backend, ticket, algorithm, blockSize,
+            reactor=self.images.reactor, threadpool=self.images.threadpool,
+            metrics=self.images.metrics)
         return jsonBody(request, result)
 
-    async def _compute(self, backend, op, algorithm, blockSize, size,
-                       stats):
-        """
-        The checksum of the whole image.
-
-        Zero blocks (from the zero extents) are never read. Data blocks
-        are read ahead and hashed in the pool, several at once, and their
-        digests added in image order: at most L{CHECKSUM_BUFFER} bytes of
-        data blocks (and never fewer than two blocks) are in flight, so
-        memory does not grow with the image.
-        """
-        images = self.images
-        hasher = blkhash.Hasher(algorithm, blockSize)
-        meter = stats.meter(backend)
-
-        def inThread(f, *args):
-            return deferToThreadPool(images.reactor, images.threadpool, f,
-                                     *args)
-
-        # A backend that can hand over a read's pieces as they arrived (nbd)
-        # saves joining them: the hash takes a list of buffers.
-        readPieces = getattr(backend, "readPieces", None)
-
-        def readPart(offset, n):
-            started = time.monotonic()
-
-            def got(pieces):
-                total = sum(len(p) for p in pieces)
-                meter.read(total, time.monotonic() - started)
-                if total < n:
-                    raise errors.PartialContent(n, total)
-                return pieces
-
-            if readPieces is not None:
-                d = readPieces(offset, n)
-            else:
-                d = backend.read(offset, n).addCallback(lambda data: [data])
-            return d.addCallback(got)
-
-        reads = defer.DeferredSemaphore(CHECKSUM_READS)
-
-        def digestOf(start, length):
-            # A block is read in parts of at most readSize, hashed as one.
-            parts = [reads.run(readPart, offset,
-                               min(readSize, start + length - offset))
-                     for offset in range(start, start + length, readSize)]
-            if len(parts) == 1:
-                d = parts[0]
-            else:
-                d = defer.gatherResults(parts, consumeErrors=True)
-                d.addCallbacks(lambda lists: [p for ps in lists for p in ps],
-                               lambda f: f.value.subFailure)
-            return d.addCallback(lambda pieces: inThread(hasher.blockDigest,
-                                                         pieces))
-
-        with stats.timed("extents"):
-            extents = await backend.extents("zero")
-        readSize = min(blockSize, CHECKSUM_READ_SIZE,
-                       getattr(backend, "maxRequest", None) or blockSize)
-        window = max(2, CHECKSUM_BUFFER // blockSize)
-        # _Block items in image order; a zero run has no Deferred.
-        pending: deque[_Block] = deque()
-        reading = 0
-
-        async def addNext():
-            nonlocal reading
-            block = pending.popleft()
-            if block.digest is None:
-                if block.length > _ZERO_RUN_IN_REACTOR:
-                    # Many digests to feed the outer hash.
-                    await inThread(hasher.zero, block.length)
-                else:
-                    hasher.zero(block.length)
-            else:
-                reading -= 1
-                hasher.addBlock(await block.digest, block.length)
-            op.progress(block.length)
-
-        try:
-            for start, length, zero in blkhash.blocks(extents, size,
-                                                      blockSize):
-                op.check()
-                if zero:
-                    pending.append(_Block(length))
-                else:
-                    pending.append(_Block(length, digestOf(start, length)))
-                    reading += 1
-                # Add what is ready; wait for the oldest block while the
-                # window is full.
-                while pending and (reading >= window or pending[0].ready):
-                    await addNext()
-            while pending:
-                op.check()
-                await addNext()
-        except BaseException:
-            # Let the blocks in flight end (cancelling an NBD read aborts
-            # the connection, and a pool thread cannot be stopped); their
-            # own errors are dropped: the first one is the answer.
-            left = [b.digest for b in pending if b.digest is not None]
-            pending.clear()
-            await defer.DeferredList(left, consumeErrors=True)
-            raise
-        return hasher.result()
-
-
-class _Block:
-    """
-    One item of a checksum in progress: a data block being read and
-    hashed, or a run of zero blocks.
-
-    @ivar length: bytes of image it covers.
-    @ivar digest: L{Deferred} firing with the block's digest, or L{None}
-        for a zero run.
-    @ivar ready: the digest (or its failure) is there.
-    """
-
-    __slots__ = ("length", "digest", "ready")
-
-    def __init__(self, length: int, digest: defer.Deferred | None = None):
-        self.length = length
-        self.digest = digest
-        self.ready = digest is None
-        if digest is not None:
-            digest.addBoth(self._done)
-
-    def _done(self, result):
-        self.ready = True
-        return result
+    def getChild(self, name, request):
+        if name == b"algorithms":
+            return _Algorithms(self.images, self.ticketId)
+        return NoHandler()
 
 
 class _Algorithms(_Handler):
@@ -865,12 +664,13 @@ class Images(Resource):
     @ivar reactor: the reactor.
     @ivar threadpool: the started L{ThreadPool} for blocking work (file
         I/O, hashing, large JSON documents).
+    @ivar metrics: the L{imageio.metrics.Metrics} the handlers report
+        bytes and latencies to (L{NO_METRICS}: none).
     """
 
-    isLeaf = True
-
     def __init__(self, store, config, reactor, threadpool, *,
-                 openBackend=backends.open, localSocket=None):
+                 metrics=NO_METRICS, openBackend=backends.open,
+                 localSocket=None):
         """
         @param openBackend: opens a ticket's backend; called as
             C{openBackend(reactor, url, mode=, sparse=, dirty=, config=,
@@ -885,43 +685,25 @@ class Images(Resource):
         self.config = config
         self.reactor = reactor
         self.threadpool = threadpool
+        self.metrics = metrics
         self._openBackend = openBackend
         self._localSocket = localSocket
-        self._image = _Image(self)
-        self._extents = _Extents(self)
-        self._checksum = _Checksum(self)
-        self._algorithms = _Algorithms(self)
 
     def localSocket(self) -> str:
         if self._localSocket is not None:
             return self._localSocket()
         return self.config.local.socket
 
-    def _handlerFor(self, request):
-        path = request.postpath
-        if len(path) == 1:
-            return self._image
-        if len(path) == 2 and path[1] == b"extents":
-            return self._extents
-        if len(path) == 2 and path[1] == b"checksum":
-            return self._checksum
-        if len(path) == 3 and path[1:] == [b"checksum", b"algorithms"]:
-            return self._algorithms
-        raise errors.NotFound(f"No handler for {requestPath(request)!r}")
+    def getChild(self, name, request):
+        """
+        C{/images/{id}}: the L{_Image} of ticket id C{name} (C{/images/}
+        has the empty id, refused when the request is rendered).
+        """
+        return _Image(self, name.decode("utf-8", "replace"))
 
     def render(self, request):
-        return self._handlerFor(request).render(request)
-
-    def startBody(self, request, length):
-        """
-        Route a PUT body (see L{imageio.web.request.StreamingRequest}).
-        """
-        try:
-            handler = self._handlerFor(request)
-        except errors.NotFound:
-            return None
-        start = getattr(handler, "startBody", None)
-        return None if start is None else start(request, length)
+        # /images itself: only the ticket ids below it answer.
+        raise errors.NotFound(f"No handler for {requestPath(request)!r}")
 
     def backendFor(self, request, ticket) -> defer.Deferred:
         """
