@@ -69,11 +69,9 @@ class IZeroSteps(Interface):
     to work, or not yet).
     """
 
-    def maxZeroStep():
-        """
-        @return: the largest range one C{zero} call should cover, or
-            C{None} for the caller's default step.
-        """
+    maxZeroStep = Attribute(
+        "C{int} or C{None}: the largest range one C{zero} call should "
+        "cover now; C{None} for the caller's default step.")
 
 
 class IThreadTarget(Interface):

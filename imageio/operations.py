@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
 from imageio import blkhash, errors, transfer
+from imageio.abilities import IPieceReads, IZeroSteps
 from imageio.metrics import NO_METRICS
 from imageio.units import MiB
 
@@ -80,8 +81,8 @@ async def zero(backend, ticket, offset: int, size: int, *,
         while pos < end or pending:
             while pos < end and len(pending) < depth:
                 op.check()
-                maxStep = (getattr(backend, "maxZeroStep", None)
-                           or MAX_ZERO_STEP)
+                maxStep = ((IZeroSteps.providedBy(backend)
+                            and backend.maxZeroStep) or MAX_ZERO_STEP)
                 step = min(end - pos, maxStep)
                 pending.append((backend.zero(pos, step), step,
                                 time.monotonic()))
@@ -187,7 +188,8 @@ async def _compute(backend, op, algorithm, blockSize, size, reactor,
 
     # A backend that can hand over a read's pieces as they arrived (nbd)
     # saves joining them: the hash takes a list of buffers.
-    readPieces = getattr(backend, "readPieces", None)
+    readPieces = (backend.readPieces if IPieceReads.providedBy(backend)
+                  else None)
 
     def readPart(offset, n):
         started = time.monotonic()
@@ -224,7 +226,7 @@ async def _compute(backend, op, algorithm, blockSize, size, reactor,
     with metrics.timed("extents"):
         zeroExtents = await backend.extents("zero")
     readSize = min(blockSize, CHECKSUM_READ_SIZE,
-                   getattr(backend, "maxRequest", None) or blockSize)
+                   backend.maxRequest or blockSize)
     window = max(2, CHECKSUM_BUFFER // blockSize)
     # _Block items in image order; a zero run has no Deferred.
     pending: deque[_Block] = deque()

@@ -17,7 +17,7 @@ from zope.interface import Attribute, Interface
 from imageio import schemes
 from imageio.errors import BadRequest
 
-__all__ = ["IBackend", "open"]
+__all__ = ["IBackend", "open", "backendClass"]
 
 
 class IBackend(Interface):
@@ -87,6 +87,24 @@ class IBackend(Interface):
 
         @return: L{Deferred} firing with C{None}.
         """
+
+
+def backendClass(url):
+    """
+    The class of the backend a ticket's C{url} names, to ask what it can
+    do (L{imageio.abilities}) before it is open.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme in schemes.FILE:
+        from imageio.backends.file import FileBackend
+        return FileBackend
+    if scheme in schemes.NBD:
+        from imageio.backends.nbd import NBDBackend
+        return NBDBackend
+    if scheme in schemes.HTTP:
+        from imageio.backends.http import HTTPBackend
+        return HTTPBackend
+    raise BadRequest(f"Unsupported url scheme: {url!r}")
 
 
 def open(reactor, url, *, mode, sparse=False, dirty=False, config=None,

@@ -357,6 +357,13 @@ class Request(server.Request):
     L{Channel}.
     """
 
+    routed = None
+    """
+    C{(resource, prepath, postpath)} when the resource was found before the
+    body was read (L{imageio.web.request.StreamingRequest}), so that
+    L{process} does not walk the tree again.
+    """
+
     def setResponseCode(self, code, message=None):
         if message is None:
             message = REASONS.get(code)
@@ -386,7 +393,11 @@ class Request(server.Request):
                 # tree below would route it without its first byte).
                 raise errors.NotFound(
                     f"No handler for {requestPath(self)!r}")
-            resrc = self.site.getResourceFor(self)
+            if self.routed is not None:
+                # Found already, when the body started.
+                resrc, self.prepath, self.postpath = self.routed
+            else:
+                resrc = self.site.getResourceFor(self)
             body = resrc.render(self)
             if body is NOT_DONE_YET:
                 return

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import re
 import time
-from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from imageio.abilities import IStreamingRelay, IThreadTarget
 from imageio.logs import Logger
 from imageio import backends, blkhash, compat, errors, operations, transfer
 from imageio.extents import encode as encodeExtents
@@ -146,8 +146,9 @@ def parseContentRange(value: str | None) -> int:
 
 
 def _isProxy(ticket) -> bool:
-    # The scheme decides the backend (imageio.backends.open).
-    return urlsplit(ticket.url).scheme in ("http", "https")
+    # Asked of the class of the backend the url names: the backend itself
+    # is still opening.
+    return IStreamingRelay.implementedBy(backends.backendClass(ticket.url))
 
 
 def _allowedRange(offset: int, size: int, ticket) -> None:
@@ -250,7 +251,7 @@ class _Upload:
             # Only a backend the thread may write to waits for the bytes
             # before the thread's (a slow nbd write would delay the
             # hand-off for nothing).
-            if getattr(self.sink.backend, "threadTarget", None) is None:
+            if not IThreadTarget.providedBy(self.sink.backend):
                 return None
             return self.sink.drain()
 
@@ -379,8 +380,8 @@ class _Image(_Handler):
         stats = self.images.metrics
         op = ticket.startOperation(offset, size)
         try:
-            readTo = getattr(backend, "readTo", None)
-            if readTo is None and size <= transfer.CHUNK_SIZE:
+            relay = IStreamingRelay.providedBy(backend)
+            if not relay and size <= transfer.CHUNK_SIZE:
                 # Small range: one read, one write; no producer to set up
                 # (a transport buffers one chunk without harm).
                 op.check()
@@ -397,10 +398,10 @@ class _Image(_Handler):
                 request.write(data if isinstance(data, bytes)
                               else bytes(data))
                 op.progress(size)
-            elif readTo is not None:
+            elif relay:
                 # The proxy backend: one upstream GET for the whole range,
                 # the client's socket pausing the upstream one.
-                await readTo(offset, size, request,
+                await backend.readTo(offset, size, request,
                              operation=_CountingOperation(
                                  op, stats.meter(backend).readBytes))
             else:

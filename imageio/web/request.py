@@ -29,6 +29,7 @@ from twisted.web import http, server
 
 from imageio.logs import Logger
 from imageio import compat, errors
+from imageio.deferreds import fireWaiters
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
 from imageio.web.http import (
@@ -128,11 +129,7 @@ class BackendContext:
 
     def _fire(self, result) -> None:
         waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+        fireWaiters(waiting, result)
 
     def _closeBackend(self, backend) -> defer.Deferred:
         d = defer.maybeDeferred(backend.close)
@@ -373,6 +370,7 @@ class StreamingRequest(Request):
         self.prepath = []
         self.postpath = list(map(server.unquote, self.path[1:].split(b"/")))
         resrc = site.getResourceFor(self)
+        self.routed = (resrc, list(self.prepath), list(self.postpath))
         start = getattr(resrc, "startBody", None)
         if start is None:
             return None
