@@ -8,8 +8,9 @@ the process-wide default one: tests run several daemons in one process).
 The images handlers get it when their Site is built
 (L{imageio.web.site.imagesSite} passes it to L{imageio.web.images.Images},
 which passes it to L{imageio.operations} and the pumps);
-L{Metrics.instrument} sets C{site.metrics} and C{site.metricsService} for
-the request counts, which the web layer's Request base makes. Code built
+L{Metrics.instrument} gives a Site's request factory the metrics and the
+service's name for the request counts, which the web layer's Request base
+makes. Code built
 without metrics (unit tests' Sites, the client library) gets
 L{NO_METRICS}, which records nothing.
 
@@ -42,6 +43,7 @@ C{process_*} describes the main process only.
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 
@@ -238,11 +240,11 @@ class Metrics:
 
     def instrument(self, site, service: str) -> None:
         """
-        Make C{site}'s requests count as C{service}'s (C{site.metrics},
-        C{site.metricsService}: read by L{imageio.web.http.Request}).
+        Make C{site}'s requests count as C{service}'s: its request factory
+        passes them to each request (L{imageio.web.http.Request}).
         """
-        site.metrics = self
-        site.metricsService = service
+        site.requestFactory = functools.partial(
+            site.requestFactory, metrics=self, service=service)
 
     def meter(self, backend) -> _BackendMeter:
         """

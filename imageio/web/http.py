@@ -339,16 +339,19 @@ class Request(server.Request):
 
     defaultContentType = None
 
-    def __init__(self, channel, *args, **kwargs):
+    def __init__(self, channel, *args, metrics=None, service=None,
+                 **kwargs):
+        """
+        @param metrics: count the request as C{service}'s when its
+            response is finished or its connection lost (one hook for
+            every way a request ends, early error responses of
+            L{imageio.web.request.StreamingRequest} included); given by
+            the Site's request factory (L{imageio.metrics.Metrics
+            .instrument}). C{None}: not counted.
+        """
         super().__init__(channel, *args, **kwargs)
-        # The Site's metrics (imageio.metrics.Metrics.instrument) count the
-        # request when its response is finished or its connection lost:
-        # one hook for every way a request ends, early error responses of
-        # StreamingRequest included. A Site without metrics counts nothing.
-        site = getattr(channel, "site", None)
-        metrics = getattr(site, "metrics", None)
         if metrics is not None:
-            metrics.trackRequest(self, site.metricsService)
+            metrics.trackRequest(self, service)
 
     headError = None
     """
