@@ -255,14 +255,8 @@ class NBDBackend:
             raise BackendError(f"Unsupported operation: {op}")
 
     def read(self, offset: int, length: int) -> defer.Deferred:
-        try:
-            self._check("read")
-        except BackendError:
-            return defer.fail()
-        length = max(0, min(length, self._size - offset))
-        if length == 0:
-            return defer.succeed(b"")
-        return self._client.read(offset, length).addErrback(_wrap("read"))
+        return self._read(lambda o, n: self._client.read(o, n), offset,
+                          length, b"")
 
     def readPieces(self, offset: int, length: int) -> defer.Deferred:
         """
@@ -272,15 +266,19 @@ class NBDBackend:
 
         @param length: at most L{maxRequest}.
         """
+        return self._read(lambda o, n: self._client.readPieces(o, n),
+                          offset, length, [])
+
+    def _read(self, call, offset: int, length: int, empty):
+        # call(offset, length) once the backend is known to be open.
         try:
             self._check("read")
         except BackendError:
             return defer.fail()
         length = max(0, min(length, self._size - offset))
         if length == 0:
-            return defer.succeed([])
-        d = self._client.readPieces(offset, length)
-        return d.addErrback(_wrap("read"))
+            return defer.succeed(empty)
+        return call(offset, length).addErrback(_wrap("read"))
 
     def write(self, offset: int, data) -> defer.Deferred[None]:
         try:
