@@ -13,14 +13,35 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.python.threadpool import ThreadPool
 
+from imageio.backends import file as filebackend
 from imageio.units import MiB
 from test import hungfs
+from test.support import (
+    Daemon, controlRequest, daemonConf, httpsConnection, makePKI, request,
+    writeConf)
+from test.test_workers import workerPids
+
+# As in the issue: twenty read tickets on the dead mount, more than the
+# I/O threads of a process with the default max_connections (8).
+HUNG = 20
+POOL = 16
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return makePKI(str(tmp_path_factory.mktemp("pki")))
 
 
 @pytest.fixture
@@ -111,3 +132,154 @@ def test_hungfs(mount):
     finally:
         p.kill()
         p.wait()
+
+
+# ---------------------------------------------------------------------------
+# The daemon.
+
+
+def _start(tmp_path, pki, workers):
+    conf = str(tmp_path / "conf")
+    writeConf(conf, daemonConf(str(tmp_path), pki,
+                               extra={"daemon": {"workers": workers}}))
+    return Daemon(conf)
+
+
+def _control(tmp_path):
+    return str(tmp_path / "run" / "sock")
+
+
+def _addTicket(tmp_path, uuid, path, size):
+    status, _, body = controlRequest(_control(tmp_path), "PUT",
+                                     f"/tickets/{uuid}", {
+                                         "uuid": uuid, "size": size,
+                                         "ops": ["read"], "timeout": 300,
+                                         "url": f"file://{path}"})
+    assert status == 200, body
+
+
+def _hungGets(d, pki, fs, names, held=None):
+    """
+    Start a GET of each ticket in C{names} and wait until C{held} of them
+    (default: all) hold a thread in the mount; return the client sockets.
+    """
+    ctx = ssl.create_default_context(cafile=pki.ca)
+    clients = []
+    for name in names:
+        s = ctx.wrap_socket(socket.create_connection(
+            ("127.0.0.1", d.remotePort), timeout=10),
+            server_hostname="127.0.0.1")
+        s.sendall(f"GET /images/{name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        clients.append(s)
+    held = len(names) if held is None else held
+    assert fs.waitHeld(held), (len(fs.held), d.output()[-3000:])
+    return clients
+
+
+@pytest.mark.parametrize("workers", [1])
+def test_hung_mount_does_not_stall(tmp_path, pki, mount, workers):
+    """
+    Twenty read tickets on a mount that stops answering, their clients
+    gone after 2 s: each GET holds a thread stuck in the kernel (in the
+    processes that serve tickets: the workers with workers = 2), a ticket
+    on healthy storage is served at once, and SIGTERM stops the daemon
+    within 10 s with status 0.
+    """
+    names = [f"h{i}" for i in range(HUNG)]
+    fs = mount({f"{name}.raw": MiB for name in names})
+    d = _start(tmp_path, pki, workers)
+    stopped = False
+    try:
+        for name in names:
+            _addTicket(tmp_path, name, fs.path(f"{name}.raw"), MiB)
+        image = tmp_path / "image.raw"
+        image.write_bytes(b"x" * MiB)
+        _addTicket(tmp_path, "ok", image, MiB)
+        # Before the storage dies, the daemon reads it.
+        con = httpsConnection(d.remotePort, pki.ca, timeout=10)
+        status, _, body = request(con, "GET", "/images/h0", None,
+                                  {"Range": "bytes=4096-8191"})
+        con.close()
+        assert status == 206
+        assert body == hungfs.content("h0.raw", 4096, 4096)
+
+        fs.hang()
+        # Each GET opens its file: the open's O_DIRECT probe read hangs.
+        # All the pool's threads are soon stuck (those of one of the
+        # workers, or both), the other GETs wait for one.
+        clients = _hungGets(d, pki, fs, names, held=POOL)
+        serving = ({d.proc.pid} if workers == 1
+                   else set(workerPids(d).values()))
+        assert fs.heldBy() <= serving, (fs.heldBy(), serving)
+        time.sleep(2)
+        for s in clients:
+            s.close()
+
+        started = time.monotonic()
+        con = httpsConnection(d.remotePort, pki.ca, timeout=5)
+        try:
+            status, _, body = request(con, "GET", "/images/ok")
+        finally:
+            con.close()
+        assert status == 200 and body == b"x" * MiB
+        assert time.monotonic() - started < 5
+        # The storage did not come back: every GET got to it, and waits.
+        assert fs.waitHeld(HUNG, 5), len(fs.held)
+
+        stopping = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        status = d.proc.wait(30)
+        elapsed = time.monotonic() - stopping
+        stopped = True
+    finally:
+        if not stopped:
+            d.stop()
+        d.stop()
+    assert status == 0, d.output()
+    assert elapsed < 10, d.output()
+    assert "Traceback" not in d.output()
+    # The stuck threads ended with their processes (a fatal signal ends
+    # the wait, as on NFS).
+    deadline = time.monotonic() + 5
+    while fs.held:
+        assert time.monotonic() < deadline, fs.held
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# The pool grows past stuck calls.
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_call_grows_pool(monkeypatch):
+    """
+    Calls on different files that never return fill the pool; once they
+    count as stuck the pool gets a thread for each, and a call queued
+    behind them runs. When they return, the pool is its own size again.
+    """
+    monkeypatch.setattr(filebackend, "STALL_TIMEOUT", 0.2)
+    tp = ThreadPool(minthreads=0, maxthreads=2, name="test-stall")
+    tp.start()
+    release = threading.Event()
+    try:
+        stuck = [filebackend._gated(reactor, tp, f"/hung{i}", release.wait,
+                                    30) for i in range(2)]
+        ok = filebackend._gated(reactor, tp, "/healthy", lambda: "done")
+        ok.addTimeout(5, reactor)
+        assert await ok == "done"
+        deadline = reactor.seconds() + 5
+        while filebackend._stalled.get(tp) != 2:
+            assert reactor.seconds() < deadline
+            d = defer.Deferred()
+            reactor.callLater(0.02, d.callback, None)
+            await d
+        assert tp.max == 4
+        assert filebackend._stalled[tp] == 2
+        assert filebackend._FileGate.limit(tp) == 1
+        release.set()
+        assert await defer.gatherResults(stuck) == [True, True]
+        assert tp.max == 2
+        assert tp not in filebackend._stalled
+    finally:
+        release.set()
+        tp.stop()
