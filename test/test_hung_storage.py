@@ -176,7 +176,7 @@ def _hungGets(d, pki, fs, names, held=None):
     return clients
 
 
-@pytest.mark.parametrize("workers", [1])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_hung_mount_does_not_stall(tmp_path, pki, mount, workers):
     """
     Twenty read tickets on a mount that stops answering, their clients
@@ -244,6 +244,54 @@ def test_hung_mount_does_not_stall(tmp_path, pki, mount, workers):
     while fs.held:
         assert time.monotonic() < deadline, fs.held
         time.sleep(0.05)
+
+
+def test_unkillable_worker_does_not_hold_stop(tmp_path, pki, mount):
+    """
+    A worker that even SIGKILL does not end (a thread in an
+    uninterruptible wait in storage): the main process stops the workers
+    in parallel within one bound, gives up on it, and exits within 10 s
+    of SIGTERM with status 0; the worker goes once the storage answers
+    (here: the mount is aborted).
+    """
+    names = [f"u{i}" for i in range(4)]
+    fs = mount({f"{name}.raw": MiB for name in names}, killable=False)
+    d = _start(tmp_path, pki, workers=2)
+    stopped = False
+    try:
+        for name in names:
+            _addTicket(tmp_path, name, fs.path(f"{name}.raw"), MiB)
+        pids = set(workerPids(d).values())
+        fs.hang()
+        clients = _hungGets(d, pki, fs, names)
+        stuck = fs.heldBy()
+        assert stuck and stuck <= pids, (stuck, pids)
+        for s in clients:
+            s.close()
+
+        stopping = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        status = d.proc.wait(30)
+        elapsed = time.monotonic() - stopping
+        stopped = True
+        # The stuck workers are still there.
+        assert all(os.path.exists(f"/proc/{pid}") for pid in stuck)
+    finally:
+        if not stopped:
+            d.stop()
+        fs.close()
+        # Their wait ends with the connection, and so do they (reaped by
+        # init or left as zombies, never in D state).
+        deadline = time.monotonic() + 10
+        for pid in stuck if stopped else ():
+            while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+                assert time.monotonic() < deadline, pid
+                time.sleep(0.05)
+        d.stop()
+    assert status == 0, d.output()
+    assert elapsed < 10, d.output()
+    assert "did not end 8.0 s after SIGTERM" in d.output()
+    assert "Traceback" not in d.output()
 
 
 # ---------------------------------------------------------------------------
