@@ -5,9 +5,9 @@ real hang in the kernel, for the tests of hung storage.
 L{HungFS} mounts a read-only directory of a few files of fixed size
 (C{/dev/fuse} and mount(2) through ctypes: no libfuse, no fusermount, no
 new dependency) and answers the kernel from a thread of the test process.
-After L{HungFS.hang} it never answers a READ again (and OPEN too with
-C{hangOpen=True}): the reader waits in the kernel, as on a hard NFS mount
-whose server went away.
+After L{HungFS.hang} it never answers a READ again (nor the other
+requests named in C{hang}: C{"open"}, C{"getattr"}, C{"flush"}): the
+caller waits in the kernel, as on a hard NFS mount whose server went away.
 
 Like NFS (C{TASK_KILLABLE} since Linux 2.6.25), and unlike a FUSE request
 the server has already read (which the kernel waits for uninterruptibly),
@@ -58,7 +58,9 @@ _DIRENT = struct.Struct("<QQII")                # fuse_dirent head
 
 _FOPEN_DIRECT_IO = 1    # every read reaches the server: no page cache
 _ROOT = 1
-_VALID = 3600           # seconds the kernel may cache names and attributes
+_VALID = 3600           # seconds the kernel may cache names
+_HANGABLE = {"read": _READ, "open": _OPEN, "getattr": _GETATTR,
+             "flush": _FLUSH}
 _MAX_WRITE = 128 * 1024
 _BUFFER = 1024 * 1024 + 4096
 
@@ -105,14 +107,20 @@ class HungFS:
         of the waiting thread).
     @ivar served: how many READ requests were answered.
     @ivar killable: whether a fatal signal ends a held request.
+    @ivar hangs: the opcodes never answered once hanging.
+    @ivar attrTimeout: seconds the kernel may cache attributes (0: every
+        stat asks the server, as NFS does once its attribute cache
+        expired).
     """
 
     def __init__(self, mountpoint: str, files: dict[str, int],
-                 hangOpen: bool = False, killable: bool = True):
+                 hang=("read",), killable: bool = True,
+                 attrTimeout: int = _VALID):
         self.mountpoint = os.path.abspath(mountpoint)
         self.files = dict(files)
-        self.hangOpen = hangOpen
+        self.hangs = {_HANGABLE[name] for name in hang}
         self.killable = killable
+        self.attrTimeout = attrTimeout
         self.held: dict[int, tuple[int, int]] = {}
         self.served = 0
         self._names = list(self.files)
@@ -153,7 +161,8 @@ class HungFS:
 
     def hang(self) -> None:
         """
-        From now on, never answer a READ (and an OPEN with C{hangOpen}).
+        From now on, never answer a READ (nor the other requests named in
+        C{hang}).
         """
         self._hanging.set()
 
@@ -251,7 +260,8 @@ class HungFS:
             os.write(self._fd, out)
         except OSError as e:
             # ENOENT: the request was interrupted or aborted meanwhile.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN,
+                               errno.ECONNABORTED):
                 raise
 
     def _hold(self, unique: int, opcode: int, pid: int) -> None:
@@ -296,6 +306,9 @@ class HungFS:
         (length, opcode, unique, node, uid, gid, pid, extlen,
          _) = _IN_HEADER.unpack_from(data)
         body = data[_IN_HEADER.size:length]
+        if opcode in self.hangs and self._hanging.is_set():
+            self._hold(unique, opcode, pid)
+            return
         if opcode == _INIT:
             major, minor, readahead, flags = _INIT_IN.unpack_from(body)
             self._reply(unique, payload=_INIT_OUT.pack(
@@ -309,23 +322,18 @@ class HungFS:
                 self._reply(unique, errno.ENOENT)
             else:
                 self._reply(unique, payload=struct.pack(
-                    "<QQQQII", found, 1, _VALID, _VALID, 0, 0)
+                    "<QQQQII", found, 1, _VALID, self.attrTimeout, 0, 0)
                     + self._attr(found))
         elif opcode == _GETATTR:
-            self._reply(unique, payload=struct.pack("<QII", _VALID, 0, 0)
+            self._reply(unique, payload=struct.pack("<QII", self.attrTimeout,
+                                                    0, 0)
                         + self._attr(node))
         elif opcode == _OPEN:
-            if self.hangOpen and self._hanging.is_set():
-                self._hold(unique, opcode, pid)
-            else:
-                self._reply(unique, payload=struct.pack(
-                    "<QII", node, _FOPEN_DIRECT_IO, 0))
+            self._reply(unique, payload=struct.pack(
+                "<QII", node, _FOPEN_DIRECT_IO, 0))
         elif opcode == _OPENDIR:
             self._reply(unique, payload=struct.pack("<QII", 0, 0, 0))
         elif opcode == _READ:
-            if self._hanging.is_set():
-                self._hold(unique, opcode, pid)
-                return
             _, offset, size, *_ = _READ_IN.unpack_from(body)
             name = self._names[node - 2]
             end = min(offset + size, self.files[name])
