@@ -15,8 +15,10 @@ from twisted.internet import reactor, unix
 from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import implementer
 
 from imageio import transfer
+from imageio.abilities import IVectoredWrite
 from imageio.backends import file as filebackend
 from imageio.backends.file import FileBackend
 from imageio.backends.memory import MemoryBackend
@@ -145,6 +147,7 @@ async def test_writev_errors(tmp_path, pool):
     assert content(path) == bytes(MiB)
 
 
+@implementer(IVectoredWrite)
 class VectoredMemory(MemoryBackend):
     """
     A memory backend with writev, recording the parts it was given.

@@ -411,6 +411,50 @@ def test_hub_survives_send_failures():
     assert objects["ticket"] == text
 
 
+def test_stop_is_one_bound_for_all_workers(monkeypatch):
+    # The workers get SIGTERM at once, SIGKILL together after _KILL_AFTER,
+    # and the stop ends after _STOP_TIMEOUT in all even if one never ends
+    # (a thread stuck in storage can outlive SIGKILL); one that ends in
+    # time ends the stop at once.
+    from twisted.internet.task import Clock
+
+    from imageio.workers import mainside as workers
+
+    def pool():
+        clock = Clock()
+        p = workers.WorkerPool(clock, None, 2, "/nonexistent", [])
+        for i in range(2):
+            proc = workers._WorkerProcess(p, i)
+            proc.pid = 1000 + i
+            p.procs[i] = proc
+        return clock, p
+
+    signals = []
+    monkeypatch.setattr(workers.os, "kill",
+                        lambda pid, sig: signals.append((pid, sig)))
+    clock, p = pool()
+    procs = list(p.procs.values())
+    d = p.stopService()
+    assert signals == [(1000, signal.SIGTERM), (1001, signal.SIGTERM)]
+    procs[0].ended.callback(None)
+    clock.advance(workers._KILL_AFTER)
+    assert signals[2:] == [(1001, signal.SIGKILL)]
+    assert not d.called
+    clock.advance(workers._STOP_TIMEOUT - workers._KILL_AFTER)
+    assert d.called and d.result is None
+    assert workers._STOP_TIMEOUT < 10
+    assert not clock.getDelayedCalls()
+
+    signals.clear()
+    clock, p = pool()
+    d = p.stopService()
+    for proc in p.procs.values():
+        proc.ended.callback(None)
+    assert d.called
+    assert not clock.getDelayedCalls()
+    assert [s for _, s in signals] == [signal.SIGTERM] * 2
+
+
 # /metrics adds up the workers' counters and histograms.
 
 def _metric(text, name, **labels):

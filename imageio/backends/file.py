@@ -28,6 +28,7 @@ import os
 import stat
 import struct
 import threading
+import weakref
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -244,10 +245,96 @@ class _FileGate:
 
     @staticmethod
     def limit(pool) -> int:
-        return max(1, getattr(pool, "max", 4) // 4)
+        # The pool's own size, without the threads added for stuck calls
+        # (L{_StallWatch}).
+        size = getattr(pool, "max", 4) - _stalled.get(pool, 0)
+        return max(1, size // 4)
 
 
 _gates: dict[str, _FileGate] = {}
+
+STALL_TIMEOUT = 2.0
+"""
+Seconds after which a call in the I/O pool counts as stuck in storage
+(L{_StallWatch}).
+"""
+
+# At most this many threads added to one pool for stuck calls.
+_MAX_STALLED = 256
+
+# Pool -> how many threads it has on top of its size for stuck calls.
+_stalled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _StallWatch:
+    """
+    Gives the pool one more thread while a call of it is stuck.
+
+    The per-file bound (L{_FileGate}) keeps one hung file to its quarter
+    of the pool, but a dead NFS mount holds many images: twenty tickets
+    on it, one stuck open each, took every thread of a 16-thread pool and
+    a ticket on healthy storage got no answer
+    (C{test_hung_storage.test_hung_mount_does_not_stall}). A call that has
+    not returned after L{STALL_TIMEOUT} seconds stops counting against the
+    pool: its thread is lost to storage, not the pool's capacity (as in
+    the reference, which has a thread per connection). Bounded by
+    L{_MAX_STALLED} per pool; the extra thread goes when the call returns.
+
+    @ivar grown: whether the pool has a thread more for this call.
+    """
+
+    def __init__(self, reactor, pool, key: str):
+        self.reactor = reactor
+        self.pool = pool
+        self.key = key
+        self.grown = False
+        self.started = 0.0
+        self._timer = None
+        if hasattr(pool, "adjustPoolsize") and hasattr(reactor, "callLater"):
+            self.started = reactor.seconds()
+            self._timer = reactor.callLater(STALL_TIMEOUT, self._stuck)
+
+    def _stuck(self) -> None:
+        self._timer = None
+        pool = self.pool
+        count = _stalled.get(pool, 0)
+        if count >= _MAX_STALLED or not pool.started:
+            return
+        _stalled[pool] = count + 1
+        self.grown = True
+        # A larger max alone starts nothing: calls queued in the pool wait
+        # for a thread to free up (Twisted 26.10). Raising min past the
+        # threads there are adds one now, which takes the oldest queued
+        # call; min goes back at once (public API only;
+        # test_hung_storage.test_stalled_call_grows_pool checks it).
+        base = pool.min
+        pool.adjustPoolsize(minthreads=min(pool.workers + 1, pool.max + 1),
+                            maxthreads=pool.max + 1)
+        pool.adjustPoolsize(minthreads=base)
+        FileBackend._log.warn(
+            "I/O call on {path} stuck for {seconds} s (storage not "
+            "answering?); {count} stuck, pool of {pool} threads",
+            path=self.key, seconds=STALL_TIMEOUT, count=count + 1,
+            pool=pool.max)
+
+    def done(self, result):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self.grown:
+            self.grown = False
+            pool = self.pool
+            _stalled[pool] = max(0, _stalled.get(pool, 0) - 1)
+            if not _stalled[pool]:
+                del _stalled[pool]
+            if pool.started:
+                pool.adjustPoolsize(maxthreads=max(pool.min, pool.max - 1))
+            FileBackend._log.info(
+                "Stuck I/O call on {path} returned after {seconds:.1f} s",
+                path=self.key,
+                seconds=self.reactor.seconds() - self.started)
+        return result
 
 
 def _gated(reactor, pool, key: str, f, *args) -> defer.Deferred:
@@ -269,7 +356,9 @@ def _gated(reactor, pool, key: str, f, *args) -> defer.Deferred:
 
     def start(_=None):
         gate.running += 1
-        return deferToThreadPool(reactor, pool, f, *args).addBoth(release)
+        watch = _StallWatch(reactor, pool, key)
+        d = deferToThreadPool(reactor, pool, f, *args)
+        return d.addBoth(watch.done).addBoth(release)
 
     if gate.running < _FileGate.limit(pool):
         return start()

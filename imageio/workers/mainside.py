@@ -45,8 +45,14 @@ _MIN_BACKOFF = 0.5
 _MAX_BACKOFF = 30.0
 _STABLE = 10.0
 
-# Seconds a stopping worker gets between SIGTERM and SIGKILL.
-_STOP_TIMEOUT = 10.0
+# Stopping the workers: SIGTERM to all of them at once, SIGKILL to those
+# still running after _KILL_AFTER seconds, and the stop ends after
+# _STOP_TIMEOUT seconds whether they ended or not: a worker with a thread
+# stuck in storage (a hung NFS mount) may outlive even SIGKILL for a while,
+# and the daemon must exit within 10 s of SIGTERM. A worker bounds its own
+# stop (its I/O pool, services.POOL_STOP_TIMEOUT = 5 s) below _KILL_AFTER.
+_KILL_AFTER = 6.5
+_STOP_TIMEOUT = 8.0
 
 
 class _SharedTicket(tickets.Ticket):
@@ -372,7 +378,7 @@ class WorkerPool(service.Service):
     """
     Spawns C{count} workers, restarts those that die (with backoff) and
     stops them with the service (SIGTERM, then SIGKILL after
-    L{_STOP_TIMEOUT}).
+    L{_KILL_AFTER}; the stop ends after L{_STOP_TIMEOUT} in all).
 
     @ivar procs: the running L{_WorkerProcess}es by index.
     """
@@ -504,11 +510,25 @@ class WorkerPool(service.Service):
                     except ProcessLookupError:
                         pass
 
-        killer = self.reactor.callLater(_STOP_TIMEOUT, kill)
-        d = defer.DeferredList([p.ended for p in procs])
+        def giveUp():
+            left = [p for p in procs if not p.ended.called]
+            _log.warn("workers {indexes} did not end {timeout} s after "
+                      "SIGTERM (storage not answering?); stopping without "
+                      "them", indexes=[p.index for p in left],
+                      timeout=_STOP_TIMEOUT)
+            done()
 
-        def done(_):
-            if killer.active():
-                killer.cancel()
+        def done(_=None):
+            for call in (killer, limit):
+                if call.active():
+                    call.cancel()
+            if not stopped.called:
+                stopped.callback(None)
 
-        return d.addCallback(done)
+        # One bound for all: the workers stop in parallel, and the stop
+        # ends after _STOP_TIMEOUT even if one never ends.
+        stopped: defer.Deferred[None] = defer.Deferred()
+        killer = self.reactor.callLater(_KILL_AFTER, kill)
+        limit = self.reactor.callLater(_STOP_TIMEOUT, giveUp)
+        defer.DeferredList([p.ended for p in procs]).addCallback(done)
+        return stopped

@@ -24,12 +24,12 @@ from twisted.logger import (
     textFileLogObserver)
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
 from imageio import config as _config
 from imageio import logs, malloc, tickets
 from imageio.logs import Logger
 from imageio.metrics import Metrics
+from imageio.services import IOThreadPool, _ThreadPoolService
 from imageio.tls import ReloadableTLS
 from imageio.web.site import imagesSite, reclaim
 from imageio.workers.commands import (
@@ -287,9 +287,13 @@ class WorkerService(service.MultiService):
         self.store = ReplicaStore(
             self.clock, self.reporter,
             inactivityTimeout=cfg.daemon.inactivity_timeout)
-        self.threadpool = ThreadPool(
+        # Daemon threads, and a stop that waits for them a bounded time
+        # (as in one process): a thread stuck in storage must not hold
+        # the worker's exit, nor its main process's.
+        self.threadpool = IOThreadPool(
             minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
             name="imageio-io")
+        _ThreadPoolService(self.threadpool, reactor).setServiceParent(self)
         self.tls = None
         self.ports: list = []
         reclaim().setServiceParent(self)
@@ -300,7 +304,6 @@ class WorkerService(service.MultiService):
 
     def startService(self):
         super().startService()
-        self.threadpool.start()
         self.reactor.adoptStreamConnection(
             FD_AMP, socket.AF_UNIX,
             protocol.Factory.forProtocol(lambda: _WorkerSide(self)))
@@ -334,11 +337,11 @@ class WorkerService(service.MultiService):
                 pass    # already stopping (SIGTERM)
 
     def stopService(self):
-        super().stopService()
+        # The children: the I/O pool (its stop bounded) and reclaim.
+        ds = [super().stopService()]
         self.reporter.stop()
         ports, self.ports = self.ports, []
-        ds = [defer.maybeDeferred(p.stopListening) for p in ports]
-        self.threadpool.stop()
+        ds += [defer.maybeDeferred(p.stopListening) for p in ports]
         return defer.DeferredList(ds)
 
 
