@@ -15,19 +15,17 @@ import pwd
 import signal
 import socket
 import sys
-import threading
 import uuid
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger as TwistedLogger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from imageio.logs import Logger
 from imageio import endpoints as endpoints_
 from imageio import logs
-from imageio import compat, tickets
+from imageio import compat, iopool, tickets
 from imageio.errors import StartupError
 from imageio.metrics import Metrics
 from imageio.tls import TLSError
@@ -174,73 +172,6 @@ class _RefuseFactory(protocol.ServerFactory):
         return None
 
 
-class IOThreadPool(ThreadPool):
-    """
-    The pool for blocking storage calls. Its threads are daemon threads: a
-    thread blocked for good in storage (a hung NFS mount) must not keep
-    the process from exiting (Python joins every other thread at exit).
-    """
-
-    def threadFactory(self, *args, **kwargs):
-        thread = threading.Thread(*args, **kwargs)
-        thread.daemon = True
-        return thread
-
-
-POOL_STOP_TIMEOUT = 5
-"""
-Seconds the daemon's stop waits for the I/O threads to end.
-"""
-
-
-class _ThreadPoolService(service.Service):
-    """
-    Runs the bounded thread pool for blocking file I/O and hashing.
-    """
-
-    def __init__(self, pool, reactor=None, timeout=POOL_STOP_TIMEOUT):
-        self.setName("threadpool")
-        self.pool = pool
-        self.reactor = reactor
-        self.timeout = timeout
-
-    def startService(self):
-        super().startService()
-        self.pool.start()
-
-    def stopService(self):
-        """
-        Stop the pool, waiting at most C{timeout} seconds: C{pool.stop()}
-        joins its threads, and one blocked in storage would hold the stop
-        (and SIGTERM) forever. The join runs in a daemon thread of its own.
-        """
-        super().stopService()
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        done = defer.Deferred()
-
-        def stop():
-            self.pool.stop()
-            reactor.callFromThread(finish, True)
-
-        def finish(stopped):
-            if done.called:
-                return
-            if timer.active():
-                timer.cancel()
-            if not stopped:
-                _log.warn("I/O threads still busy after {timeout} s "
-                          "(storage not answering?); stopping without them",
-                          timeout=self.timeout)
-            done.callback(None)
-
-        timer = reactor.callLater(self.timeout, finish, False)
-        threading.Thread(target=stop, daemon=True,
-                         name="imageio-io-stop").start()
-        return done
-
-
 class ImageioService(service.MultiService):
     """
     The whole daemon.
@@ -283,10 +214,7 @@ class ImageioService(service.MultiService):
         # (asked at scrape time) to the main process's (control requests,
         # ticket gauges).
         self.metrics = Metrics(self.store)
-        self.threadpool = IOThreadPool(
-            minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
-            name="imageio-io")
-        _ThreadPoolService(self.threadpool, reactor).setServiceParent(self)
+        self.threadpool = iopool.ioThreadPool(cfg, reactor, self)
         reclaim().setServiceParent(self)
 
         imageListeners = [self._addRemote()]

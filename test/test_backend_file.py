@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.python.threadpool import ThreadPool
 
 from imageio import config as configmod
-from imageio.backends import IBackend, file as filebackend
+from imageio.backends import IBackend, file as filebackend, filegate
 from imageio.backends.file import FileBackend
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent
@@ -857,13 +857,13 @@ async def test_hung_file_holds_only_its_share(tmp_path, backends):
         await _until(lambda: len(started) == 2)
         # 8 threads, a quarter for one file: 2 run, 6 wait in the reactor
         # (without the bound all 8 threads hang and the read below waits).
-        assert filebackend._gates[str(hung)].running == 2
-        assert len(filebackend._gates[str(hung)].waiting) == 6
+        assert filegate.gates[str(hung)].running == 2
+        assert len(filegate.gates[str(hung)].waiting) == 6
         got = await defer.ensureDeferred(_timed(b.read(0, 4096), 5))
         assert got == b"x" * 4096
         release.set()
         assert await defer.gatherResults(stuck) == [b"done"] * 8
-        assert str(hung) not in filebackend._gates
+        assert str(hung) not in filegate.gates
     finally:
         release.set()
         tp.stop()

@@ -782,7 +782,7 @@ def test_io_pool_stop_is_bounded():
 
     from twisted.internet.task import Clock
 
-    from imageio.services import IOThreadPool, _ThreadPoolService
+    from imageio.iopool import IOThreadPool, ThreadPoolService
     clock = Clock()
 
     class Reactor:
@@ -794,7 +794,7 @@ def test_io_pool_stop_is_bounded():
 
     calls = []
     pool = IOThreadPool(minthreads=0, maxthreads=2, name="test-io")
-    svc = _ThreadPoolService(pool, Reactor(), timeout=5)
+    svc = ThreadPoolService(pool, Reactor(), timeout=5)
     svc.startService()
     release = threading.Event()
     pool.callInThread(release.wait)

@@ -25,7 +25,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.python.threadpool import ThreadPool
 
-from imageio.backends import file as filebackend
+from imageio.backends import filegate
 from imageio.units import MiB
 from test import hungfs
 from test.support import (
@@ -313,15 +313,12 @@ def test_unkillable_worker_does_not_hold_stop(tmp_path, pki, mount):
     assert "Traceback" not in d.output()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FileBackend.size() calls fstat in the reactor thread (web/images.py, "
-    "for every request on an open backend): a stat that hangs, as on an "
-    "NFS mount whose attribute cache expired, freezes the whole daemon"))
 def test_hung_stat_does_not_freeze_reactor(tmp_path, pki, mount):
     """
     A second request on a kept-alive connection, after the mount died and
     with no attributes cached (NFS revalidates them after C{acregmax}, at
     most 60 s by default): the daemon keeps answering its control API.
+    (FileBackend.size() used to fstat in the reactor for every request.)
     """
     fs = mount({"s.raw": MiB}, hang=("read", "getattr"), attrTimeout=0)
     d = _start(tmp_path, pki, workers=1)
@@ -358,29 +355,29 @@ async def test_stalled_call_grows_pool(monkeypatch):
     count as stuck the pool gets a thread for each, and a call queued
     behind them runs. When they return, the pool is its own size again.
     """
-    monkeypatch.setattr(filebackend, "STALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(filegate, "STALL_TIMEOUT", 0.2)
     tp = ThreadPool(minthreads=0, maxthreads=2, name="test-stall")
     tp.start()
     release = threading.Event()
     try:
-        stuck = [filebackend._gated(reactor, tp, f"/hung{i}", release.wait,
+        stuck = [filegate.gated(reactor, tp, f"/hung{i}", release.wait,
                                     30) for i in range(2)]
-        ok = filebackend._gated(reactor, tp, "/healthy", lambda: "done")
+        ok = filegate.gated(reactor, tp, "/healthy", lambda: "done")
         ok.addTimeout(5, reactor)
         assert await ok == "done"
         deadline = reactor.seconds() + 5
-        while filebackend._stalled.get(tp) != 2:
+        while filegate.stalled.get(tp) != 2:
             assert reactor.seconds() < deadline
             d = defer.Deferred()
             reactor.callLater(0.02, d.callback, None)
             await d
         assert tp.max == 4
-        assert filebackend._stalled[tp] == 2
-        assert filebackend._FileGate.limit(tp) == 1
+        assert filegate.stalled[tp] == 2
+        assert filegate.FileGate.limit(tp) == 1
         release.set()
         assert await defer.gatherResults(stuck) == [True, True]
         assert tp.max == 2
-        assert tp not in filebackend._stalled
+        assert tp not in filegate.stalled
     finally:
         release.set()
         tp.stop()

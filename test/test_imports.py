@@ -58,6 +58,7 @@ LAYERS = [
         "imageio.logs", "imageio.metrics", "imageio.blkhash",
         "imageio.config", "imageio.malloc", "imageio.schemes",
         "imageio.deferreds", "imageio.compat", "imageio.abilities",
+        "imageio.iopool",
         "imageio.web",
         "imageio.protocols",
         "imageio.workers"]),

@@ -28,18 +28,16 @@ import os
 import stat
 import struct
 import threading
-import weakref
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.abilities import (
     IPageCacheFreeSource, IThreadTarget, IVectoredWrite, IZeroSteps)
 from imageio.logs import Logger
-from imageio.backends import IBackend
+from imageio.backends import IBackend, filegate
 from imageio.errors import BackendError, UnsupportedOperation
 from imageio.extents import ZeroExtent
 from imageio.units import MiB
@@ -183,6 +181,18 @@ class _Opened:
         self.isBlock = isBlock
         self.direct = direct
         self.blockSize = blockSize
+        self.size = _currentSize(fd, isBlock)
+
+
+def _currentSize(fd: int, isBlock: bool) -> int:
+    """
+    The size of a file (C{st_size}) or device: a system call that blocks
+    on a dead mount (NFS asks the server once its attribute cache
+    expires), so only ever made in the I/O pool.
+    """
+    if isBlock:
+        return os.lseek(fd, 0, os.SEEK_END)
+    return os.fstat(fd).st_size
 
 
 class ThreadTarget:
@@ -227,144 +237,6 @@ class ThreadTarget:
 
     def close(self) -> None:
         os.close(self._fd)
-
-
-class _FileGate:
-    """
-    How many I/O threads the calls on one file may hold at once (across
-    every connection and ticket on it): at most a quarter of the pool, the
-    rest wait in the reactor. A file on storage that stops answering (a
-    hung NFS mount) then ties up its own share of the threads, and the
-    other tickets keep being served.
-    """
-
-    def __init__(self, key: str):
-        self.key = key
-        self.running = 0
-        self.waiting: list[defer.Deferred] = []
-
-    @staticmethod
-    def limit(pool) -> int:
-        # The pool's own size, without the threads added for stuck calls
-        # (L{_StallWatch}).
-        size = getattr(pool, "max", 4) - _stalled.get(pool, 0)
-        return max(1, size // 4)
-
-
-_gates: dict[str, _FileGate] = {}
-
-STALL_TIMEOUT = 2.0
-"""
-Seconds after which a call in the I/O pool counts as stuck in storage
-(L{_StallWatch}).
-"""
-
-# At most this many threads added to one pool for stuck calls.
-_MAX_STALLED = 256
-
-# Pool -> how many threads it has on top of its size for stuck calls.
-_stalled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _StallWatch:
-    """
-    Gives the pool one more thread while a call of it is stuck.
-
-    The per-file bound (L{_FileGate}) keeps one hung file to its quarter
-    of the pool, but a dead NFS mount holds many images: twenty tickets
-    on it, one stuck open each, took every thread of a 16-thread pool and
-    a ticket on healthy storage got no answer
-    (C{test_hung_storage.test_hung_mount_does_not_stall}). A call that has
-    not returned after L{STALL_TIMEOUT} seconds stops counting against the
-    pool: its thread is lost to storage, not the pool's capacity (as in
-    the reference, which has a thread per connection). Bounded by
-    L{_MAX_STALLED} per pool; the extra thread goes when the call returns.
-
-    @ivar grown: whether the pool has a thread more for this call.
-    """
-
-    def __init__(self, reactor, pool, key: str):
-        self.reactor = reactor
-        self.pool = pool
-        self.key = key
-        self.grown = False
-        self.started = 0.0
-        self._timer = None
-        if hasattr(pool, "adjustPoolsize") and hasattr(reactor, "callLater"):
-            self.started = reactor.seconds()
-            self._timer = reactor.callLater(STALL_TIMEOUT, self._stuck)
-
-    def _stuck(self) -> None:
-        self._timer = None
-        pool = self.pool
-        count = _stalled.get(pool, 0)
-        if count >= _MAX_STALLED or not pool.started:
-            return
-        _stalled[pool] = count + 1
-        self.grown = True
-        # A larger max alone starts nothing: calls queued in the pool wait
-        # for a thread to free up (Twisted 26.10). Raising min past the
-        # threads there are adds one now, which takes the oldest queued
-        # call; min goes back at once (public API only;
-        # test_hung_storage.test_stalled_call_grows_pool checks it).
-        base = pool.min
-        pool.adjustPoolsize(minthreads=min(pool.workers + 1, pool.max + 1),
-                            maxthreads=pool.max + 1)
-        pool.adjustPoolsize(minthreads=base)
-        FileBackend._log.warn(
-            "I/O call on {path} stuck for {seconds} s (storage not "
-            "answering?); {count} stuck, pool of {pool} threads",
-            path=self.key, seconds=STALL_TIMEOUT, count=count + 1,
-            pool=pool.max)
-
-    def done(self, result):
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if self.grown:
-            self.grown = False
-            pool = self.pool
-            _stalled[pool] = max(0, _stalled.get(pool, 0) - 1)
-            if not _stalled[pool]:
-                del _stalled[pool]
-            if pool.started:
-                pool.adjustPoolsize(maxthreads=max(pool.min, pool.max - 1))
-            FileBackend._log.info(
-                "Stuck I/O call on {path} returned after {seconds:.1f} s",
-                path=self.key,
-                seconds=self.reactor.seconds() - self.started)
-        return result
-
-
-def _gated(reactor, pool, key: str, f, *args) -> defer.Deferred:
-    """
-    C{deferToThreadPool(reactor, pool, f, *args)}, waiting while the calls
-    on the file C{key} hold their share of the pool (L{_FileGate}).
-    """
-    gate = _gates.get(key)
-    if gate is None:
-        gate = _gates[key] = _FileGate(key)
-
-    def release(result):
-        gate.running -= 1
-        if gate.waiting:
-            gate.waiting.pop(0).callback(None)
-        elif not gate.running:
-            _gates.pop(key, None)
-        return result
-
-    def start(_=None):
-        gate.running += 1
-        watch = _StallWatch(reactor, pool, key)
-        d = deferToThreadPool(reactor, pool, f, *args)
-        return d.addBoth(watch.done).addBoth(release)
-
-    if gate.running < _FileGate.limit(pool):
-        return start()
-    waiter = defer.Deferred()
-    gate.waiting.append(waiter)
-    return waiter.addCallback(start)
 
 
 def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
@@ -496,7 +368,8 @@ class FileBackend:
                  direct: bool = False, isBlock: bool = False,
                  blockSize: int = 1,
                  maxConnections: int = DEFAULT_MAX_CONNECTIONS,
-                 bufferSize: int = DEFAULT_BUFFER_SIZE):
+                 bufferSize: int = DEFAULT_BUFFER_SIZE,
+                 size: int | None = None):
         """
         Wrap an open file descriptor (the backend owns it from now on).
         L{FileBackend.open} is the usual way to get one.
@@ -507,6 +380,9 @@ class FileBackend:
         self._pool = threadpool
         self._fd = fd
         self.path = path
+        # Measured in the I/O pool (open, each call); see size().
+        self._size = (size if size is not None
+                      else _currentSize(fd, isBlock))
         self.mode = mode
         self.sparse = sparse
         self.direct = direct
@@ -553,7 +429,8 @@ class FileBackend:
             backend = cls(
                 reactor, threadpool, o.fd, path, mode=mode, sparse=sparse,
                 direct=o.direct, isBlock=o.isBlock, blockSize=o.blockSize,
-                maxConnections=maxConnections, bufferSize=bufferSize)
+                maxConnections=maxConnections, bufferSize=bufferSize,
+                size=o.size)
             cls._log.debug(
                 "Open {path} mode={mode} sparse={sparse} direct={direct} "
                 "block_size={blockSize}", path=path, mode=mode,
@@ -565,7 +442,7 @@ class FileBackend:
             raise BackendError(
                 f"Cannot open {path}: {f.value.strerror}") from f.value
 
-        d = _gated(reactor, threadpool, path, _openBlocking, path, mode,
+        d = filegate.gated(reactor, threadpool, path, _openBlocking, path, mode,
                    direct)
         d.addCallbacks(opened, failed)
         return d
@@ -574,13 +451,13 @@ class FileBackend:
 
     def size(self) -> int:
         """
-        @return: the current size: C{st_size} for a file, the device size
-            for a block device.
+        @return: the size (C{st_size} for a file, the device size for a
+            block device) as the I/O pool last saw it: at the open and
+            after each call there. Never a system call in the reactor: a
+            stat on a dead mount would freeze the daemon.
         """
-        fd = self._checkOpen()
-        if self.isBlock:
-            return os.lseek(fd, 0, os.SEEK_END)
-        return os.fstat(fd).st_size
+        self._checkOpen()
+        return self._size
 
     @property
     def maxZeroStep(self) -> int | None:
@@ -722,7 +599,9 @@ class FileBackend:
 
         def call():
             try:
-                return f(*args)
+                result = f(*args)
+                self._size = _currentSize(self._fd, self.isBlock)
+                return result
             except OSError as e:
                 raise BackendError(
                     f"{what} failed on {self.path}: {e.strerror}") from e
@@ -742,7 +621,7 @@ class FileBackend:
             if self._closing is not None and not self._inFlight:
                 self._release()
 
-        _gated(self._reactor, self._pool, self.path, call).addBoth(done)
+        filegate.gated(self._reactor, self._pool, self.path, call).addBoth(done)
         return result
 
     def _release(self) -> None:

@@ -50,7 +50,7 @@ _STABLE = 10.0
 # _STOP_TIMEOUT seconds whether they ended or not: a worker with a thread
 # stuck in storage (a hung NFS mount) may outlive even SIGKILL for a while,
 # and the daemon must exit within 10 s of SIGTERM. A worker bounds its own
-# stop (its I/O pool, services.POOL_STOP_TIMEOUT = 5 s) below _KILL_AFTER.
+# stop (its I/O pool, iopool.POOL_STOP_TIMEOUT = 5 s) below _KILL_AFTER.
 _KILL_AFTER = 6.5
 _STOP_TIMEOUT = 8.0
 

@@ -26,10 +26,9 @@ from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from imageio import config as _config
-from imageio import logs, malloc, tickets
+from imageio import iopool, logs, malloc, tickets
 from imageio.logs import Logger
 from imageio.metrics import Metrics
-from imageio.services import IOThreadPool, _ThreadPoolService
 from imageio.tls import ReloadableTLS
 from imageio.web.site import imagesSite, reclaim
 from imageio.workers.commands import (
@@ -290,10 +289,7 @@ class WorkerService(service.MultiService):
         # Daemon threads, and a stop that waits for them a bounded time
         # (as in one process): a thread stuck in storage must not hold
         # the worker's exit, nor its main process's.
-        self.threadpool = IOThreadPool(
-            minthreads=0, maxthreads=max(4, 2 * cfg.daemon.max_connections),
-            name="imageio-io")
-        _ThreadPoolService(self.threadpool, reactor).setServiceParent(self)
+        self.threadpool = iopool.ioThreadPool(cfg, reactor, self)
         self.tls = None
         self.ports: list = []
         reclaim().setServiceParent(self)
