@@ -45,6 +45,11 @@ _TCP_COLON = re.compile(
     re.DOTALL)
 
 
+def _withExport(url: str, exportName: str) -> str:
+    # The reference's colon form names the export last.
+    return f"{url}:exportname={exportName}" if exportName else url
+
+
 @dataclass(frozen=True)
 class UnixAddress:
     """
@@ -59,10 +64,7 @@ class UnixAddress:
         @return: this address (and C{exportName}) in the reference's colon
             form, which both implementations accept.
         """
-        s = f"nbd:unix:{self.path}"
-        if exportName:
-            s += f":exportname={exportName}"
-        return s
+        return _withExport(f"nbd:unix:{self.path}", exportName)
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,7 @@ class TCPAddress:
             form.
         """
         host = f"[{self.host}]" if ":" in self.host else self.host
-        s = f"nbd:{host}:{self.port}"
-        if exportName:
-            s += f":exportname={exportName}"
-        return s
+        return _withExport(f"nbd:{host}:{self.port}", exportName)
 
 
 @dataclass(frozen=True)
