@@ -531,6 +531,8 @@ def test_full_image_upload_download(env, kind):
     # One upstream request per client request, the whole image each.
     assert hostLogged(env.host, "WRITE", tid) == [size]
     assert hostLogged(env.host, "READ", tid) == [size]
+    # The upstream PUT's body was encrypted and sent by a thread.
+    assert "handed to a writer thread" in env.proxy.output()
 
 
 def test_ranges_through_proxy(env):

@@ -323,6 +323,23 @@ class RequestWriter(_BodyThread):
         self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
+    def sendFromThread(cls, stream, reactor) -> None:
+        """
+        Have the rest of C{stream}'s body sent by a thread once Twisted
+        starts it (the client's uploads, the daemon's proxy uploads).
+
+        @param stream: an L{imageio.backends.http.UploadStream}.
+        """
+        start = stream.startProducing
+
+        def startProducing(consumer):
+            d = start(consumer)
+            cls.takeOver(stream, consumer, reactor)
+            return d
+
+        stream.startProducing = startProducing
+
+    @classmethod
     def takeOver(cls, stream, consumer, reactor):
         """
         Decide to send the rest of a request body from a thread, when
@@ -366,6 +383,8 @@ class RequestWriter(_BodyThread):
             return
         self._take()
         RequestWriter.bodies += 1
+        self._log.debug("Body to {peer} handed to a writer thread",
+                        peer=str(self._raw.getPeer()))
         # Twisted's transport may have paused the body before it lost the
         # socket; it will not resume it now.
         with self._cond:

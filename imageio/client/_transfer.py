@@ -353,21 +353,6 @@ def plan(extents, *, dirty=False, zero=True, hole=True):
                 yield op, start, n
 
 
-def _sendFromThread(stream, reactor) -> None:
-    """
-    Have the rest of C{stream}'s body sent by a thread
-    (L{_bodythread.RequestWriter}) once Twisted starts it.
-    """
-    start = stream.startProducing
-
-    def startProducing(consumer):
-        d = start(consumer)
-        _bodythread.RequestWriter.takeOver(stream, consumer, reactor)
-        return d
-
-    stream.startProducing = startProducing
-
-
 async def _upload_piece(src, dst, start, length, buffer_size, operation):
     reactor = getattr(dst, "_reactor", None)
     if reactor is None:
@@ -378,7 +363,7 @@ async def _upload_piece(src, dst, start, length, buffer_size, operation):
         attached: defer.Deferred = defer.Deferred()
         stream = http_backend.uploadStream(attached, start, length,
                                            operation=operation)
-        _sendFromThread(stream, reactor)
+        _bodythread.RequestWriter.sendFromThread(stream, reactor)
         attached.callback(dst)
         done = stream.whenDone()
     # Two reads in flight per connection (the NBD default is 4): with up

@@ -44,6 +44,7 @@ from imageio import backends, blkhash, compat, errors, operations, transfer
 from imageio.extents import encode as encodeExtents
 from imageio.backends import http as httpbackend
 from imageio.metrics import NO_METRICS
+from imageio.client._bodythread import RequestWriter
 from imageio.web import bodywriter, validate
 from imageio.web.request import finishIfConnected
 from imageio.web.http import (
@@ -200,7 +201,7 @@ class _Upload:
 
     def __init__(self, request, ticket, operation, backend, offset: int,
                  limit: int, flush: bool, chunked: bool = False,
-                 metrics=NO_METRICS):
+                 metrics=NO_METRICS, reactor=None):
         self.ticket = ticket
         self.operation = operation
         self.flush = flush
@@ -215,6 +216,11 @@ class _Upload:
                 backend, offset, limit, producer=request.transport,
                 operation=_CountingOperation(operation, meter.writeBytes),
                 flush=flush)
+            # The upstream TLS hop encrypts in a thread, as the client's
+            # uploads do.
+            if reactor is None:
+                from twisted.internet import reactor
+            RequestWriter.sendFromThread(self.sink, reactor)
             self.flush = False
         else:
             self.sink = transfer.UploadSink(
@@ -473,7 +479,8 @@ class _Image(_Handler):
         backend = self.images.backendFor(request, ticket)
         op = ticket.startOperation(offset, limit)
         return _Upload(request, ticket, op, backend, offset, limit, flush,
-                       chunked, metrics=self.images.metrics)
+                       chunked, metrics=self.images.metrics,
+                       reactor=self.images.reactor)
 
     @asyncRender
     async def render_PUT(self, request):
