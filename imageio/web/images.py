@@ -201,7 +201,7 @@ class _Upload:
 
     def __init__(self, request, ticket, operation, backend, offset: int,
                  limit: int, flush: bool, chunked: bool = False,
-                 metrics=NO_METRICS, reactor=None):
+                 metrics=NO_METRICS, *, reactor):
         self.ticket = ticket
         self.operation = operation
         self.flush = flush
@@ -218,8 +218,6 @@ class _Upload:
                 flush=flush)
             # The upstream TLS hop encrypts in a thread, as the client's
             # uploads do.
-            if reactor is None:
-                from twisted.internet import reactor
             RequestWriter.sendFromThread(self.sink, reactor)
             self.flush = False
         else:
