@@ -11,7 +11,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = ["IPipelined", "IVectoredWrite", "IPieceReads", "IZeroSteps",
            "IThreadTarget", "IThreadSource", "IPageCacheFreeSource",
-           "IStreamingRelay", "readDepth", "writeDepth"]
+           "IStreamingRelay", "IThreadReads", "readDepth", "writeDepth"]
 
 DEFAULT_READ_DEPTH = 2
 """
@@ -84,6 +84,22 @@ class IThreadTarget(Interface):
         @return: an object with C{blockSize}, C{buffer(size)},
             C{write(view, offset)} and C{close()}, owned by the calling
             thread until closed; or C{None} when not possible now.
+        """
+
+
+class IThreadReads(Interface):
+    """
+    A file a connection's own thread may read small ranges of itself
+    (L{imageio.web.readsession}): no pool thread and no reactor turn per
+    request.
+    """
+
+    def threadReader():
+        """
+        @return: an object with C{read(offset, length)} (blocking, in the
+            calling thread, returning a view valid until the next call)
+            and C{close()}, owned by the calling thread until closed; or
+            C{None} when not possible now.
         """
 
 

@@ -152,6 +152,14 @@ def handlingRequest(channel) -> bool:
     return channel._handlingRequest
 
 
+def bufferedInput(channel) -> bool:
+    """
+    Whether C{channel} holds bytes it received and has not handled: part
+    of a line (C{LineReceiver}), or data kept while a request was handled.
+    """
+    return bool(channel._buffer) or bool(channel._dataBuffer)
+
+
 def savedTimeout(channel):
     """
     The idle timeout C{channel} restores when the current request is done.

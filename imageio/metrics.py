@@ -277,22 +277,28 @@ class Metrics:
         Count C{request} once its response is finished, or as C{aborted}
         if its connection is lost first.
         """
-        children = self._requestCounters
-
-        def count(status):
-            key = (service, request.method, status)
-            child = children.get(key)
-            if child is None:
-                method = request.method.decode("ascii", "replace")
-                if method not in METHODS:
-                    method = "other"
-                child = self.requests.labels(service, method, str(status))
-                if len(children) < 1000:
-                    children[key] = child
-            child.inc()
-
         request.notifyFinish().addCallbacks(
-            lambda _: count(request.code), lambda _: count("aborted"))
+            lambda _: self.countRequest(service, request.method,
+                                        request.code),
+            lambda _: self.countRequest(service, request.method,
+                                        "aborted"))
+
+    def countRequest(self, service: str, method: bytes, status) -> None:
+        """
+        Count one request of C{service} that ended with C{status} (a code,
+        or C{"aborted"}).
+        """
+        children = self._requestCounters
+        key = (service, method, status)
+        child = children.get(key)
+        if child is None:
+            name = method.decode("ascii", "replace")
+            if name not in METHODS:
+                name = "other"
+            child = self.requests.labels(service, name, str(status))
+            if len(children) < 1000:
+                children[key] = child
+        child.inc()
 
     def samples(self) -> list:
         """

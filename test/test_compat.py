@@ -193,6 +193,25 @@ def test_saved_timeout():
            "HTTPChannel restores the idle timeout from _savedTimeOut")
 
 
+def test_buffered_input():
+    reactor = MemoryReactorClock()
+    channel, _ = _channel(reactor)
+    _Hold.held = []
+    expect(compat.bufferedInput(channel) is False,
+           "HTTPChannel holds no input at first")
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x")
+    expect(compat.bufferedInput(channel) is True,
+           "LineReceiver._buffer holds a partial line")
+    channel.dataReceived(b"\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+    expect(len(_Hold.held) == 1 and compat.bufferedInput(channel) is True,
+           "HTTPChannel._dataBuffer keeps a request that comes while one "
+           "is handled")
+    _Hold.held[0].finish()
+    expect(len(_Hold.held) == 2 and compat.bufferedInput(channel) is False,
+           "HTTPChannel handles kept input when the request is done")
+    _Hold.held[1].finish()
+
+
 def test_request_gone():
     channel, _ = _channel()
     request = http.Request(channel)

@@ -35,7 +35,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.abilities import (
-    IPageCacheFreeSource, IThreadTarget, IVectoredWrite, IZeroSteps)
+    IPageCacheFreeSource, IThreadReads, IThreadTarget, IVectoredWrite,
+    IZeroSteps)
 from imageio.logs import Logger
 from imageio.backends import IBackend, filegate
 from imageio.errors import BackendError, UnsupportedOperation
@@ -239,6 +240,65 @@ class ThreadTarget:
         os.close(self._fd)
 
 
+class ThreadReader:
+    """
+    Small reads of a file for the one thread that serves a connection's
+    Range GETs (L{FileBackend.threadReader}). It holds its own descriptor
+    (the same open file description, so C{O_DIRECT} stays) and one
+    page-aligned buffer, grown to the largest read.
+    """
+
+    def __init__(self, fd: int, path: str, direct: bool, blockSize: int):
+        self._fd = fd
+        self._path = path
+        self._align = blockSize if direct else 1
+        self._buf = None
+        self._view = None
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """
+        Read C{length} bytes at C{offset} (in the calling thread).
+
+        @return: a view of the bytes, valid until the next call; short
+            only at the end of the file.
+        @raise BackendError: the read failed.
+        """
+        align = self._align
+        start = offset - offset % align
+        span = -(-(offset + length) // align) * align - start
+        if self._buf is None or len(self._buf) < span:
+            self._release()
+            self._buf = _alignedBuffer(_roundUp(span, mmap.PAGESIZE))
+            self._view = memoryview(self._buf)
+        view = self._view[:span]
+        done = 0
+        try:
+            while done < span:
+                n = os.preadv(self._fd, [view[done:]], start + done)
+                if n == 0:
+                    break
+                done += n
+                if done % align:
+                    break
+        except OSError as e:
+            raise BackendError(
+                f"read failed on {self._path}: {e.strerror}") from e
+        skip = offset - start
+        return view[skip:max(skip, min(done, skip + length))]
+
+    def _release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._buf is not None:
+            _closeBuffer(self._buf)
+            self._buf = None
+
+    def close(self) -> None:
+        self._release()
+        os.close(self._fd)
+
+
 def _openBlocking(path: str, mode: str, direct: bool) -> _Opened:
     """
     Open C{path} and find its block size. Runs in a pool thread.
@@ -330,7 +390,7 @@ def _probeBlockSize(fd: int) -> int | None:
 
 
 @implementer(IBackend, IVectoredWrite, IZeroSteps, IThreadTarget,
-             IPageCacheFreeSource)
+             IPageCacheFreeSource, IThreadReads)
 class FileBackend:
     """
     A regular file or block device, read and written from a thread pool.
@@ -493,6 +553,18 @@ class FileBackend:
         except (BackendError, OSError):
             return None
         return ThreadTarget(fd, self.path, self.blockSize)
+
+    def threadReader(self) -> "ThreadReader | None":
+        """
+        A reader for the thread that serves this connection's small Range
+        GETs (L{imageio.web.readsession}); C{None} when the backend is
+        closed.
+        """
+        try:
+            fd = os.dup(self._checkOpen())
+        except (BackendError, OSError):
+            return None
+        return ThreadReader(fd, self.path, self.direct, self.blockSize)
 
     def pageCacheSource(self) -> int | None:
         """

@@ -327,6 +327,51 @@ class Receiver:
         with ffi.from_buffer(buf, require_writable=True) as target:
             self._decrypt(target, len(buf))
 
+    def some(self, buf) -> int:
+        """
+        Read what has arrived into C{buf} (a writable buffer), waiting for
+        at least one byte.
+
+        @return: the number of bytes read, 0 if the peer closed.
+        """
+        lastData = time.monotonic()
+        if self.conn is None:
+            sock = self.sock.sock
+            while True:
+                self._idle(lastData)
+                try:
+                    return sock.recv_into(buf)
+                except (BlockingIOError, TimeoutError, InterruptedError):
+                    continue
+        if self._cipher is None:
+            self._cipher = bytearray(self.CIPHER_SIZE)
+            self._cipherPtr = ffi.from_buffer(self._cipher)
+        conn = self.conn
+        ssl = compat.ssl(conn)
+        with ffi.from_buffer(buf, require_writable=True) as target:
+            while True:
+                n = lib.SSL_read(ssl, target, len(buf))
+                if n > 0:
+                    return n
+                error = lib.SSL_get_error(ssl, n)
+                if error == lib.SSL_ERROR_ZERO_RETURN:
+                    return 0
+                if error != lib.SSL_ERROR_WANT_READ:
+                    compat.raiseSSLError(conn, ssl, n)
+                    raise OSError(f"TLS error {error}")
+                while True:
+                    self._idle(lastData)
+                    try:
+                        got = self.sock.sock.recv_into(self._cipher)
+                    except (BlockingIOError, TimeoutError, InterruptedError):
+                        continue
+                    break
+                if got == 0:
+                    return 0
+                if lib.BIO_write(compat.readBIO(conn), self._cipherPtr,
+                                 got) != got:
+                    raise OSError("TLS read buffer refused the data")
+
     def _fillPlain(self, buf) -> None:
         view = memoryview(buf)
         filled = 0

@@ -17,6 +17,7 @@ import errno
 import functools
 import json
 import os
+import time
 from urllib.parse import unquote
 
 from twisted.internet import defer
@@ -327,6 +328,21 @@ def readJSON(request, prefix: str = "Invalid JSON message "):
     return obj
 
 
+_date = [0, b""]
+
+
+def httpDate() -> bytes:
+    """
+    The C{date} header's value for now. Formatting it took a fiftieth of
+    the CPU of a 4 KiB Range GET; it changes once a second.
+    """
+    now = int(time.time())
+    if _date[0] != now:
+        _date[1] = http.datetimeToString(now)
+        _date[0] = now
+    return _date[1]
+
+
 class Request(server.Request):
     """
     The request class of every imageio service.
@@ -350,6 +366,8 @@ class Request(server.Request):
             .instrument}). C{None}: not counted.
         """
         super().__init__(channel, *args, **kwargs)
+        self.metrics = metrics
+        self.service = service
         if metrics is not None:
             metrics.trackRequest(self, service)
 
@@ -379,7 +397,7 @@ class Request(server.Request):
         """
         self.site = self.channel.site
         self.setHeader(b"server", SERVER)
-        self.setHeader(b"date", http.datetimeToString())
+        self.setHeader(b"date", httpDate())
 
     def process(self):
         self.startReply()
@@ -445,11 +463,20 @@ class Channel(compat.ChannelBase):
 
     _lingering = None
     _badLength = None
+    _host = None
 
     def __init__(self):
         super().__init__()
         self._discarding = False
         self._lost = False
+
+    def getHost(self):
+        # Each request asks (Twisted's Request.__init__): a getsockname
+        # call per request, for an address that never changes.
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     # Input.
 
@@ -528,7 +555,7 @@ class Channel(compat.ChannelBase):
         self.transport.write(b"".join([
             b"HTTP/1.1 %d %s\r\n" % (code, phrase),
             b"server: " + SERVER + b"\r\n",
-            b"date: " + http.datetimeToString() + b"\r\n",
+            b"date: " + httpDate() + b"\r\n",
             b"content-type: text/plain; charset=UTF-8\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n", body]))

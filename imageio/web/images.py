@@ -45,7 +45,7 @@ from imageio.extents import encode as encodeExtents
 from imageio.backends import http as httpbackend
 from imageio.metrics import NO_METRICS
 from imageio.client._bodythread import RequestWriter
-from imageio.web import bodywriter, validate
+from imageio.web import bodywriter, readsession, validate
 from imageio.web.request import finishIfConnected
 from imageio.web.http import (
     NoHandler, Resource, asyncRender, closeAfterResponse, cors,
@@ -383,9 +383,11 @@ class _Image(_Handler):
                         size=size, offset=offset, tid=ticket.transferId)
         stats = self.images.metrics
         op = ticket.startOperation(offset, size)
+        small = False
         try:
             relay = IStreamingRelay.providedBy(backend)
             if not relay and size <= transfer.CHUNK_SIZE:
+                small = True
                 # Small range: one read, one write; no producer to set up
                 # (a transport buffers one chunk without harm).
                 op.check()
@@ -434,7 +436,11 @@ class _Image(_Handler):
             return None
         finally:
             op.finish()
+        channel = request.channel
         finishIfConnected(request)
+        if small and rng is not None:
+            readsession.offer(channel, request, self.images.store, ticket,
+                              backend, stats, self.images.reactor)
         return None
 
     # PUT: the body streams through startBody; render_PUT answers.

@@ -237,6 +237,43 @@ class ImageioChannel(Channel):
         defer.maybeDeferred(opener).addCallbacks(ctx._opened, ctx._openFailed)
         return d
 
+    readStreak = 0
+    """
+    Small Range GETs of a file answered on this connection (see
+    L{imageio.web.readsession}).
+    """
+
+    readSessionGiveUps = 0
+    """
+    Read sessions of this connection that ended on a request their thread
+    could not answer.
+    """
+
+    def openContext(self, ticket) -> BackendContext | None:
+        """
+        The open context of C{ticket} on this connection, or C{None}.
+        """
+        ctx = self._contexts.get(ticket.uuid)
+        if (ctx is None or ctx.ticket is not ticket or ctx.closed
+                or ctx.backend is None):
+            return None
+        return ctx
+
+    def betweenRequests(self) -> bool:
+        """
+        Whether the connection is open, kept alive, and idle between
+        requests with nothing received and not handled.
+        """
+        return (self.transport is not None and not self._lost
+                and not self._discarding and self.persistent
+                and not self.requests
+                and not compat.handlingRequest(self)
+                and not compat.bufferedInput(self))
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
     def _forget(self, ctx: BackendContext) -> None:
         if self._contexts.get(ctx.ticket.uuid) is ctx:
             del self._contexts[ctx.ticket.uuid]
