@@ -63,6 +63,8 @@ from _harness import (  # noqa: E402
     processTree)
 
 MB = 1e6
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONNECTIONS = 8
 
 
 class Result:
@@ -235,6 +237,9 @@ class Bench:
         self.scenarios.append(self._parallelScenario(size))
         for n in (4096, 65536, MiB):
             self.scenarios.append(self._readsScenario(n))
+        for n in (4096, 65536, MiB):
+            self.scenarios.append(self._manyReadsScenario(n))
+        self.scenarios.append(self._v2vScenario())
         self.scenarios.append(self._extentsScenario())
         for backend in ("nbd", "file"):
             self.scenarios.append(self._zeroScenario(backend))
@@ -512,6 +517,93 @@ class Bench:
             finally:
                 r.close()
             return Result(count / seconds, cpu, count * n, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _load(self, d, argsFor, connections=CONNECTIONS):
+        """
+        Run C{connections} client processes (bench/loadclient.py, the
+        arguments of each from C{argsFor(i)}), started together once all
+        are connected; the total requests and bytes, the seconds, the
+        daemon CPU.
+        """
+        procs = [subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "loadclient.py"),
+             *map(str, argsFor(i))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE) for i in range(connections)]
+        try:
+            time.sleep(1)
+            cpu = d.cpu()
+            start = time.monotonic()
+            for p in procs:
+                p.stdin.write(b"go\n")
+                p.stdin.flush()
+            results = []
+            for p in procs:
+                out, err = p.communicate(timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(err.decode()[-2000:])
+                results.append(json.loads(out))
+            seconds = time.monotonic() - start
+            cpu = d.cpu() - cpu
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        return (sum(r["requests"] for r in results),
+                sum(r["bytes"] for r in results), seconds, cpu)
+
+    def _manyReadsScenario(self, n):
+        label = {4096: "4k", 65536: "64k", MiB: "1m"}[n]
+        s = Scenario(f"random reads {label} tls {CONNECTIONS} connections",
+                     "req/s", None, target=(">=", 1.5, "8 connections"),
+                     cold=True)
+        size = self.sizes["random"]
+        state = {}
+        duration = self.args.reads_seconds
+
+        def setup():
+            state["tickets"] = self._tickets(
+                "file://" + self.images["random"], size)
+
+        def measure(d):
+            tid = state["tickets"][d.name]
+            count, moved, seconds, cpu = self._load(
+                d, lambda i: ("reads", d.port, d.cert, tid, size, n,
+                              duration, i))
+            return Result(count / seconds, cpu, moved, seconds)
+
+        s.setup = setup
+        s.measure = measure
+        return s
+
+    def _v2vScenario(self):
+        s = Scenario(f"virt-v2v upload load tls {CONNECTIONS} connections",
+                     "req/s", None, target=(">=", 1.5, "8 connections"))
+        size = self.sizes["random"]
+        state = {}
+        duration = self.args.reads_seconds
+
+        def setup():
+            paths = {}
+            for name in self.daemons:
+                path = os.path.join(self.workdir, f"v2v-{name}.raw")
+                with open(path, "wb") as f:
+                    f.truncate(size)
+                paths[name] = path
+            state["tickets"] = self._tickets(
+                lambda name: "file://" + paths[name], size)
+
+        def measure(d):
+            tid = state["tickets"][d.name]
+            count, moved, seconds, cpu = self._load(
+                d, lambda i: ("v2v", d.port, d.cert, tid, size, duration,
+                              i))
+            return Result(count / seconds, cpu, moved, seconds)
 
         s.setup = setup
         s.measure = measure

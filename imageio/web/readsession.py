@@ -81,6 +81,12 @@ _JOIN_LIMIT = 64 * 1024
 
 SEND_SIZE = 256 * 1024
 
+POST_INTERVAL = 0.05
+"""
+Seconds between the batches of bookkeeping a session posts to the reactor
+(the last batch goes with the hand-back).
+"""
+
 # Request headers that do not change the answer.
 _HARMLESS = frozenset((b"host", b"user-agent", b"accept", b"accept-encoding",
                        b"connection", b"range"))
@@ -192,6 +198,7 @@ class ReadSession(handoff.BodyThread):
         self._op = op
         self._done = False
         self._posted = False
+        self._lastPost = 0.0
         self._servedHere: list[tuple[int, int, float]] = []
         self._savedTimeout = None
         self._stallTimeout = channel.timeOut or 60
@@ -413,11 +420,16 @@ class ReadSession(handoff.BodyThread):
             b"\r\n\r\n" % (offset, offset + size - 1, self._ticket.size)))
 
     def _account(self, offset: int, size: int, seconds: float) -> None:
+        # A batch at most every POST_INTERVAL seconds: a callFromThread
+        # per request cost the reactor a wake-up and 0.02 ms of CPU each.
+        # The rest goes with the hand-back.
+        now = time.monotonic()
         with self._cond:
             self._servedHere.append((offset, size, seconds))
-            if self._posted:
+            if self._posted or now - self._lastPost < POST_INTERVAL:
                 return
             self._posted = True
+            self._lastPost = now
         self._reactor.callFromThread(self._record)
 
     def _idleRecv(self, lastData: float) -> None:
