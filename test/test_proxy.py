@@ -531,8 +531,12 @@ def test_full_image_upload_download(env, kind):
     # One upstream request per client request, the whole image each.
     assert hostLogged(env.host, "WRITE", tid) == [size]
     assert hostLogged(env.host, "READ", tid) == [size]
-    # The upstream PUT's body was encrypted and sent by a thread.
-    assert "handed to a writer thread" in env.proxy.output()
+    # The upstream PUT's body was encrypted and sent by a thread, and so
+    # was the response to the client's GET.
+    assert any("handed to a writer thread" in line and "Body to " in line
+               for line in env.proxy.output().splitlines())
+    assert any("handed to a writer thread" in line and "Body of " in line
+               for line in env.proxy.output().splitlines())
     # The module's directory lives until its last test: give the GiB of
     # disk back now (CI machines may have little).
     os.truncate(path, 0)

@@ -406,10 +406,24 @@ class _Image(_Handler):
                 op.progress(size)
             elif relay:
                 # The proxy backend: one upstream GET for the whole range,
-                # the client's socket pausing the upstream one.
-                await backend.readTo(offset, size, request,
-                             operation=_CountingOperation(
-                                 op, stats.meter(backend).readBytes))
+                # the client's socket pausing the upstream one. A large
+                # body is written (encrypted) to the client by a thread:
+                # the reactor then only decrypts the upstream response.
+                counting = _CountingOperation(
+                    op, stats.meter(backend).readBytes)
+                writer = bodywriter.SocketWriter.takeOver(
+                    request, size, self.images.reactor)
+                if writer is None:
+                    await backend.readTo(offset, size, request,
+                                         operation=counting)
+                else:
+                    try:
+                        await backend.readTo(offset, size, writer,
+                                             operation=counting)
+                        await writer.close()
+                    except BaseException:
+                        await writer.abort()
+                        raise
             else:
                 writer = bodywriter.SocketWriter.takeOver(
                     request, size, self.images.reactor)
