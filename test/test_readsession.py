@@ -381,3 +381,47 @@ def test_replaced_ticket(served, tmp_path):
         assert body == otherData[:10]
     finally:
         sock.close()
+
+
+def test_workers(tmp_path):
+    """
+    With worker processes the thread serves in the worker, and the main
+    process's ticket hears of every answered range and of the session's
+    end: transferred counts them, and a cancel completes promptly.
+    """
+    pki = makePKI(str(tmp_path / "pki"))
+    conf = str(tmp_path / "conf")
+    writeConf(conf, daemonConf(str(tmp_path), pki,
+                               extra={"daemon": {"workers": 2}}))
+    image = tmp_path / "image.raw"
+    data = os.urandom(SIZE)
+    image.write_bytes(data)
+    daemon = Daemon(conf)
+    ctl = os.path.join(str(tmp_path), "run", "sock")
+    try:
+        uuid = addTicket(ctl, image)
+        sock = connect(daemon, pki, "tls")
+        rest = b""
+        try:
+            for i in range(40):
+                sock.sendall(rangeGet(uuid, i * 65536, i * 65536 + 4095))
+                _, _, body, rest = readFull(sock, rest)
+                assert body == data[i * 65536:i * 65536 + 4096]
+
+            def transferred():
+                status, _, body = controlRequest(ctl, "GET",
+                                                 f"/tickets/{uuid}")
+                assert status == 200
+                return json.loads(body)["transferred"]
+            waitFor(lambda: transferred() == 40 * 4096)
+            assert threadCounts(daemon)[0] == 1
+            start = time.monotonic()
+            status, _, body = controlRequest(ctl, "DELETE",
+                                             f"/tickets/{uuid}")
+            assert status == 204, body
+            assert time.monotonic() - start < 2
+        finally:
+            sock.close()
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.output()

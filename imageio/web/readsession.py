@@ -68,6 +68,11 @@ A request head longer than this goes to Twisted (which enforces the
 limits and answers).
 """
 
+MAX_LINES = 16
+"""
+A request head of more lines goes to Twisted (which enforces the limits).
+"""
+
 MAX_SESSIONS = 64
 
 GIVE_UPS = 3
@@ -105,9 +110,9 @@ class _GiveBack(Exception):
 def offer(channel, request, store, ticket, backend, stats, reactor) -> None:
     """
     A small Range GET of C{ticket} was just answered on C{channel}, the
-    connection of C{request}: after L{STREAK} of them, a thread takes the connection on
-    the next reactor turn (from a clean stack, rule 1), if nothing else
-    happened on it meanwhile.
+    connection of C{request}: after L{STREAK} of them, a thread takes the
+    connection on the next reactor turn (from a clean stack, rule 1), if
+    nothing else happened on it meanwhile.
 
     @param store: the ticket store (a ticket replaced there is not
         served by the thread any more).
@@ -174,7 +179,7 @@ class ReadSession(handoff.BodyThread):
                                   ticket, ctx, reader, disposition, stats,
                                   metrics, service, op)
         if session is None:
-            op.release()
+            op.finish()
             if reader is not None:
                 reader.close()
             return None
@@ -215,8 +220,12 @@ class ReadSession(handoff.BodyThread):
         ReadSession.sessions += 1
         self._log.debug("Range GETs of {peer} served by a thread",
                         peer=str(self._raw.getPeer()))
-        threading.Thread(target=self._run, name="imageio-reads",
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="imageio-reads",
+                             daemon=True).start()
+        except RuntimeError as e:
+            # No thread to be had: the connection goes back at once.
+            self._threadDone(e, b"")
 
     def _ended(self) -> bool:
         return self._done
@@ -224,7 +233,9 @@ class ReadSession(handoff.BodyThread):
     def _handBack(self) -> None:
         self._record()
         self._done = True
-        self._op.release()
+        # finish, not release: a worker's replica reports only finish to
+        # the main process, whose cancel waits for it. The range is empty.
+        self._op.finish()
         self._log.debug("Range GETs of {peer}: {count} answered by the "
                         "thread", peer=str(self._raw.getPeer()),
                         count=self._count)
@@ -251,10 +262,16 @@ class ReadSession(handoff.BodyThread):
         meter = stats.meter(self._backend) if stats.enabled else None
         log = self._log
         for offset, size, seconds in served:
-            # Never refused: the request was answered before a cancel.
-            op = ticket.adoptOperation(offset, size)
-            op.progress(size)
-            op.finish()
+            # Through startOperation, which a worker's replica reports to
+            # the main process. Refused once the ticket is canceled: a
+            # canceled operation is not recorded anyway.
+            try:
+                op = ticket.startOperation(offset, size)
+            except errors.HTTPError:
+                op = None
+            if op is not None:
+                op.progress(size)
+                op.finish()
             log.debug("READ size={size} offset={offset} transfer={tid}",
                       size=size, offset=offset, tid=ticket.transferId)
             if meter is not None:
@@ -369,7 +386,7 @@ class ReadSession(handoff.BodyThread):
         The range of a request head the thread may answer, or C{None}.
         """
         lines = head.split(b"\r\n")
-        if lines[0] != self._requestLine:
+        if lines[0] != self._requestLine or len(lines) > MAX_LINES:
             return None
         wanted = None
         for line in lines[1:]:
