@@ -409,31 +409,3 @@ async def test_direct_write_no_space(tlsServer, smallFS, transport):
         get, con, "/images/n1", {"Range": "bytes=0-3"})
     con.close()
     assert got[0] == 206
-
-
-class _FakeReader:
-    _reactor = reactor
-
-
-@pytest.mark.parametrize("running,size", [
-    (1, bodyreader.DIRECT_SIZE),
-    (bodyreader.CROWD, bodyreader.DIRECT_SIZE),
-    (bodyreader.CROWD + 1, bodyreader.DIRECT_SIZE // 2)])
-def test_crowded_uploads_take_smaller_buffers(tmp_path, monkeypatch,
-                                              running, size):
-    """
-    Beyond CROWD uploads in threads at once, a new one writes with
-    buffers half the size (the daemon's memory with 16 transfers).
-    """
-    from imageio.backends.file import ThreadTarget
-    path = tmp_path / "image"
-    path.write_bytes(b"")
-    target = ThreadTarget(os.open(path, os.O_RDWR), str(path), 1)
-    monkeypatch.setattr(bodyreader, "running", lambda: running)
-    disk = bodyreader._DiskWriter(_FakeReader(), target)
-    try:
-        assert disk.size == size
-        assert all(len(buf) == size for buf in disk._all)
-    finally:
-        disk.stop()
-        target.close()

@@ -74,15 +74,8 @@ DIRECT_SIZE = 4 * MiB
 """
 Bytes per write when the thread writes a file itself. Two such buffers
 per upload (one receiving while the other is written): half the
-reference's 8 MiB each, and half that again while more than L{CROWD}
-uploads run in threads, to keep the daemon under 200 MiB with 16
-transfers at once (a soak of 16 peaked at 200.8 MiB with 4 MiB buffers
-for all).
-"""
-
-CROWD = 4
-"""
-Uploads in threads at once beyond which new ones take smaller buffers.
+reference's 8 MiB each, to keep the daemon under 200 MiB with 16
+transfers at once.
 """
 
 _WAKE = 0.2
@@ -251,7 +244,7 @@ class SocketReader(handoff.BodyThread):
         for size, direct in self._pieces():
             while size:
                 self._waitCredit()
-                n = min(disk.size if direct else BUFFER_SIZE, size)
+                n = min(DIRECT_SIZE if direct else BUFFER_SIZE, size)
                 if direct:
                     buf = disk.take()
                     with memoryview(buf)[:n] as view:
@@ -347,8 +340,7 @@ class _DiskWriter:
         self._reader = reader
         self._target = target
         self._cond = threading.Condition()
-        self.size = DIRECT_SIZE if running() <= CROWD else DIRECT_SIZE // 2
-        self._free = [target.buffer(self.size)
+        self._free = [target.buffer(DIRECT_SIZE)
                       for _ in range(SocketReader.CREDITS)]
         self._all = list(self._free)
         self._queue: deque = deque()
