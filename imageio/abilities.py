@@ -81,9 +81,10 @@ class IThreadTarget(Interface):
 
     def threadTarget():
         """
-        @return: an object with C{blockSize}, C{buffer(size)},
-            C{write(view, offset)} and C{close()}, owned by the calling
-            thread until closed; or C{None} when not possible now.
+        @return: an object with C{blockSize}, C{write(view, offset)} (of
+            views of page-aligned buffers the thread brings) and
+            C{close()}, owned by the calling thread until closed; or
+            C{None} when not possible now.
         """
 
 

@@ -409,3 +409,30 @@ async def test_direct_write_no_space(tlsServer, smallFS, transport):
         get, con, "/images/n1", {"Range": "bytes=0-3"})
     con.close()
     assert got[0] == 206
+
+
+class _FakeReader:
+    _reactor = reactor
+
+
+def test_disk_writer_buffers_reused(tmp_path):
+    """
+    The next upload's disk writer takes the buffers the last one gave
+    back: new mappings cost a page fault and a zeroed page per 4 KiB
+    written (a client's upload is a series of 8 MiB PUTs).
+    """
+    from imageio.backends.file import ThreadTarget
+    path = tmp_path / "image"
+    path.write_bytes(b"")
+    target = ThreadTarget(os.open(path, os.O_RDWR), str(path), 1)
+    try:
+        first = bodyreader._DiskWriter(_FakeReader(), target)
+        used = {id(buf) for buf in first._all}
+        assert len(used) == SocketReader.CREDITS
+        assert all(len(buf) == bodyreader.DIRECT_SIZE for buf in first._all)
+        first.stop()
+        second = bodyreader._DiskWriter(_FakeReader(), target)
+        assert {id(buf) for buf in second._all} == used
+        second.stop()
+    finally:
+        target.close()

@@ -212,13 +212,6 @@ class ThreadTarget:
         self._path = path
         self.blockSize = blockSize
 
-    def buffer(self, size: int) -> mmap.mmap:
-        """
-        A page-aligned buffer of C{size} bytes (a multiple of the page
-        size), as C{O_DIRECT} needs.
-        """
-        return _alignedBuffer(size)
-
     def write(self, view: memoryview, offset: int) -> None:
         """
         Write all of C{view} at C{offset} (in the calling thread).

@@ -8,7 +8,6 @@ caller may keep several reads or writes in flight on one backend.
 
 from __future__ import annotations
 
-import mmap
 from collections import deque
 
 from twisted.internet import defer
@@ -154,12 +153,6 @@ class ThreadTarget:
             sock, min(client.maximumBlockSize, DEFAULT_BUFFER_SIZE),
             client.structuredReplies)
         self.blockSize = client.minimumBlockSize
-
-    def buffer(self, size: int) -> mmap.mmap:
-        """
-        A buffer of C{size} bytes for the thread.
-        """
-        return mmap.mmap(-1, size)
 
     def write(self, view: memoryview, offset: int) -> None:
         """
