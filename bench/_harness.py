@@ -532,6 +532,21 @@ def curl(args, timeout=1800):
     return elapsed, int(code), int(float(down)), int(float(up))
 
 
+def readHead(f):
+    """
+    The head of one HTTP/1.1 response from the buffered file C{f}: its
+    status line and C{Content-Length} (0 if none).
+    """
+    status = f.readline()
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b"\n", b""):
+            return status, length
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+
+
 class KeepAliveReader:
     """
     Range GETs on one keep-alive connection, with as little client work
@@ -553,16 +568,9 @@ class KeepAliveReader:
     def get(self, offset, size):
         self.sock.sendall((self.head % (offset, offset + size - 1)).encode())
         f = self.file
-        status = f.readline()
+        status, length = readHead(f)
         if not status.startswith(b"HTTP/1.1 206"):
             raise RuntimeError(f"unexpected reply {status!r}")
-        length = None
-        while True:
-            line = f.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
         data = f.read(length)
         if len(data) != size:
             raise RuntimeError("short read")

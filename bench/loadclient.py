@@ -25,6 +25,8 @@ import ssl
 import sys
 import time
 
+from _harness import readHead
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -41,14 +43,7 @@ class Connection:
         if body:
             self.sock.sendall(body)
         f = self.file
-        status = f.readline()
-        length = 0
-        while True:
-            line = f.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
+        status, length = readHead(f)
         data = f.read(length)
         code = int(status.split()[1])
         if code >= 300:

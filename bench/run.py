@@ -238,7 +238,7 @@ class Bench:
         for n in (4096, 65536, MiB):
             self.scenarios.append(self._readsScenario(n))
         for n in (4096, 65536, MiB):
-            self.scenarios.append(self._manyReadsScenario(n))
+            self.scenarios.append(self._readsScenario(n, CONNECTIONS))
         self.scenarios.append(self._v2vScenario())
         self.scenarios.append(self._extentsScenario())
         for backend in ("nbd", "file"):
@@ -485,11 +485,17 @@ class Bench:
                 for name in ("ours", "ref")}
         return self._proxyNodes
 
-    def _readsScenario(self, n):
+    def _readsScenario(self, n, connections=1):
         label = {4096: "4k", 65536: "64k", MiB: "1m"}[n]
-        target = (">=", 1.0, "one connection")
-        s = Scenario(f"random reads {label} tls keep-alive", "req/s", None,
-                     target=target, cold=True)
+        if connections == 1:
+            s = Scenario(f"random reads {label} tls keep-alive", "req/s",
+                         None, target=(">=", 1.0, "one connection"),
+                         cold=True)
+        else:
+            s = Scenario(f"random reads {label} tls {connections} "
+                         f"connections", "req/s", None,
+                         target=(">=", 1.5, f"{connections} connections"),
+                         cold=True)
         size = self.sizes["random"]
         state = {}
         duration = self.args.reads_seconds
@@ -497,6 +503,13 @@ class Bench:
         def setup():
             state["tickets"] = self._tickets(
                 "file://" + self.images["random"], size)
+
+        def measureMany(d):
+            tid = state["tickets"][d.name]
+            count, moved, seconds, cpu = self._load(
+                d, lambda i: ("reads", d.port, d.cert, tid, size, n,
+                              duration, i), connections)
+            return Result(count / seconds, cpu, moved, seconds)
 
         def measure(d):
             r = KeepAliveReader(d, state["tickets"][d.name], "tls")
@@ -519,7 +532,7 @@ class Bench:
             return Result(count / seconds, cpu, count * n, seconds)
 
         s.setup = setup
-        s.measure = measure
+        s.measure = measure if connections == 1 else measureMany
         return s
 
     def _load(self, d, argsFor, connections=CONNECTIONS):
@@ -556,30 +569,6 @@ class Bench:
                     p.wait()
         return (sum(r["requests"] for r in results),
                 sum(r["bytes"] for r in results), seconds, cpu)
-
-    def _manyReadsScenario(self, n):
-        label = {4096: "4k", 65536: "64k", MiB: "1m"}[n]
-        s = Scenario(f"random reads {label} tls {CONNECTIONS} connections",
-                     "req/s", None, target=(">=", 1.5, "8 connections"),
-                     cold=True)
-        size = self.sizes["random"]
-        state = {}
-        duration = self.args.reads_seconds
-
-        def setup():
-            state["tickets"] = self._tickets(
-                "file://" + self.images["random"], size)
-
-        def measure(d):
-            tid = state["tickets"][d.name]
-            count, moved, seconds, cpu = self._load(
-                d, lambda i: ("reads", d.port, d.cert, tid, size, n,
-                              duration, i))
-            return Result(count / seconds, cpu, moved, seconds)
-
-        s.setup = setup
-        s.measure = measure
-        return s
 
     def _v2vScenario(self):
         s = Scenario(f"virt-v2v upload load tls {CONNECTIONS} connections",

@@ -98,6 +98,36 @@ def readFull(sock, buf, isHead=False):
     return (head[0], headers, bytes(buf[:length]), bytes(buf[length:]))
 
 
+def getRanges(sock, uuid, data, rest=b"", first=0, size=10, times=4):
+    """
+    C{times} GETs of the same range, checked (enough for a session).
+
+    @return: the bytes read past the last response.
+    """
+    for _ in range(times):
+        sock.sendall(rangeGet(uuid, first, first + size - 1))
+        _, _, body, rest = readFull(sock, rest)
+        assert body == data[first:first + size]
+    return rest
+
+
+def spreadGets(sock, uuid, data, count=40):
+    """
+    C{count} GETs of 4 KiB, 64 KiB apart, checked.
+    """
+    rest = b""
+    for i in range(count):
+        sock.sendall(rangeGet(uuid, i * 65536, i * 65536 + 4095))
+        _, _, body, rest = readFull(sock, rest)
+        assert body == data[i * 65536:i * 65536 + 4096]
+
+
+def transferred(ctl, uuid):
+    status, _, body = controlRequest(ctl, "GET", f"/tickets/{uuid}")
+    assert status == 200
+    return json.loads(body)["transferred"]
+
+
 def threadCounts(daemon):
     """
     Sessions started, and requests their threads answered, from the log.
@@ -231,10 +261,7 @@ def test_pipelined(served, transport):
     sock = connect(daemon, pki, transport)
     rest = b""
     try:
-        for _ in range(3):
-            sock.sendall(rangeGet(uuid, 0, 9))
-            _, _, body, rest = readFull(sock, rest)
-            assert body == data[:10]
+        rest = getRanges(sock, uuid, data, rest, times=3)
         ranges = [(i * 1000, i * 1000 + 4095) for i in range(20)]
         wire = b"".join(
             rangeGet(uuid, a, b) if i % 7 != 3 else
@@ -260,20 +287,11 @@ def test_transferred_counts_thread_reads(served):
     daemon, pki, ctl, image, data = served
     uuid = addTicket(ctl, image)
     sock = connect(daemon, pki, "tls")
-    rest = b""
     try:
-        for i in range(40):
-            sock.sendall(rangeGet(uuid, i * 65536, i * 65536 + 4095))
-            _, _, body, rest = readFull(sock, rest)
-            assert body == data[i * 65536:i * 65536 + 4096]
+        spreadGets(sock, uuid, data)
     finally:
         sock.close()
-
-    def transferred():
-        status, _, body = controlRequest(ctl, "GET", f"/tickets/{uuid}")
-        assert status == 200
-        return json.loads(body)["transferred"]
-    waitFor(lambda: transferred() == 40 * 4096)
+    waitFor(lambda: transferred(ctl, uuid) == 40 * 4096)
 
 
 def test_cancel_waits_for_thread(served):
@@ -287,10 +305,7 @@ def test_cancel_waits_for_thread(served):
     sock = connect(daemon, pki, "tls")
     rest = b""
     try:
-        for _ in range(4):
-            sock.sendall(rangeGet(uuid, 0, 9))
-            _, _, body, rest = readFull(sock, rest)
-            assert body == data[:10]
+        rest = getRanges(sock, uuid, data, rest)
         assert threadCounts(daemon)[0] == before + 1
         start = time.monotonic()
         status, _, body = controlRequest(ctl, "DELETE", f"/tickets/{uuid}")
@@ -313,10 +328,7 @@ def test_idle_connection_goes_back(served):
     sock = connect(daemon, pki, "tls")
     rest = b""
     try:
-        for _ in range(4):
-            sock.sendall(rangeGet(uuid, 0, 9))
-            _, _, body, rest = readFull(sock, rest)
-            assert body == data[:10]
+        rest = getRanges(sock, uuid, data, rest)
         time.sleep(1.5)
         sock.sendall(rangeGet(uuid, 20, 29))
         _, _, body, rest = readFull(sock, rest)
@@ -339,9 +351,7 @@ def test_client_gone(served, how):
     uuid = addTicket(ctl, image)
     sock = connect(daemon, pki, "tls")
     rest = b""
-    for _ in range(4):
-        sock.sendall(rangeGet(uuid, 0, 9))
-        _, _, body, rest = readFull(sock, rest)
+    rest = getRanges(sock, uuid, data)
     if how == "half":
         sock.sendall(rangeGet(uuid, 0, 9)[:20])
     if how == "reset":
@@ -350,10 +360,7 @@ def test_client_gone(served, how):
     sock.close()
     sock = connect(daemon, pki, "tls")
     try:
-        for _ in range(4):
-            sock.sendall(rangeGet(uuid, 100, 199))
-            _, _, body, rest = readFull(sock, b"")
-            assert body == data[100:200]
+        rest = getRanges(sock, uuid, data, b"", first=100, size=100)
     finally:
         sock.close()
 
@@ -371,10 +378,7 @@ def test_replaced_ticket(served, tmp_path):
     sock = connect(daemon, pki, "tls")
     rest = b""
     try:
-        for _ in range(4):
-            sock.sendall(rangeGet(uuid, 0, 9))
-            _, _, body, rest = readFull(sock, rest)
-            assert body == data[:10]
+        rest = getRanges(sock, uuid, data, rest)
         addTicket(ctl, other, uuid=uuid)
         sock.sendall(rangeGet(uuid, 0, 9))
         _, _, body, rest = readFull(sock, rest)
@@ -401,19 +405,9 @@ def test_workers(tmp_path):
     try:
         uuid = addTicket(ctl, image)
         sock = connect(daemon, pki, "tls")
-        rest = b""
         try:
-            for i in range(40):
-                sock.sendall(rangeGet(uuid, i * 65536, i * 65536 + 4095))
-                _, _, body, rest = readFull(sock, rest)
-                assert body == data[i * 65536:i * 65536 + 4096]
-
-            def transferred():
-                status, _, body = controlRequest(ctl, "GET",
-                                                 f"/tickets/{uuid}")
-                assert status == 200
-                return json.loads(body)["transferred"]
-            waitFor(lambda: transferred() == 40 * 4096)
+            spreadGets(sock, uuid, data)
+            waitFor(lambda: transferred(ctl, uuid) == 40 * 4096)
             assert threadCounts(daemon)[0] == 1
             start = time.monotonic()
             status, _, body = controlRequest(ctl, "DELETE",

@@ -501,9 +501,7 @@ class RequestWriter(_BodyThread):
         except Exception as e:
             error = e.with_traceback(None)
         finally:
-            sender.stop()
-            handoff.setNonBlocking(sock)
-            self._sock.close()
+            self._giveUpSocket(sender)
         self._reactor.callFromThread(self._threadDone, error)
 
 

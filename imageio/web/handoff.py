@@ -319,9 +319,7 @@ class Receiver:
         if self.conn is None:
             self._fillPlain(buf)
             return
-        if self._cipher is None:
-            self._cipher = bytearray(self.CIPHER_SIZE)
-            self._cipherPtr = ffi.from_buffer(self._cipher)
+        self._ensureCipher()
         # Released at the end: the buffer may be a view that its owner
         # releases next.
         with ffi.from_buffer(buf, require_writable=True) as target:
@@ -343,34 +341,47 @@ class Receiver:
                     return sock.recv_into(buf)
                 except (BlockingIOError, TimeoutError, InterruptedError):
                     continue
+        self._ensureCipher()
+        with ffi.from_buffer(buf, require_writable=True) as target:
+            return self._readTLS(target, len(buf), lastData)
+
+    def _ensureCipher(self) -> None:
         if self._cipher is None:
             self._cipher = bytearray(self.CIPHER_SIZE)
             self._cipherPtr = ffi.from_buffer(self._cipher)
+
+    def _readTLS(self, target, size: int, lastData: float) -> int:
+        """
+        Decrypt at most C{size} bytes into C{target} (a cffi pointer),
+        feeding OpenSSL ciphertext from the socket until it has some.
+
+        @return: the number of bytes, 0 if the peer closed.
+        """
         conn = self.conn
         ssl = compat.ssl(conn)
-        with ffi.from_buffer(buf, require_writable=True) as target:
+        while True:
+            n = lib.SSL_read(ssl, target, size)
+            if n > 0:
+                return n
+            error = lib.SSL_get_error(ssl, n)
+            if error == lib.SSL_ERROR_ZERO_RETURN:
+                return 0
+            if error != lib.SSL_ERROR_WANT_READ:
+                compat.raiseSSLError(conn, ssl, n)
+                raise OSError(f"TLS error {error}")
             while True:
-                n = lib.SSL_read(ssl, target, len(buf))
-                if n > 0:
-                    return n
-                error = lib.SSL_get_error(ssl, n)
-                if error == lib.SSL_ERROR_ZERO_RETURN:
-                    return 0
-                if error != lib.SSL_ERROR_WANT_READ:
-                    compat.raiseSSLError(conn, ssl, n)
-                    raise OSError(f"TLS error {error}")
-                while True:
-                    self._idle(lastData)
-                    try:
-                        got = self.sock.sock.recv_into(self._cipher)
-                    except (BlockingIOError, TimeoutError, InterruptedError):
-                        continue
-                    break
-                if got == 0:
-                    return 0
-                if lib.BIO_write(compat.readBIO(conn), self._cipherPtr,
-                                 got) != got:
-                    raise OSError("TLS read buffer refused the data")
+                self._idle(lastData)
+                try:
+                    got = self.sock.sock.recv_into(self._cipher)
+                except (BlockingIOError, TimeoutError, InterruptedError):
+                    continue
+                break
+            if got == 0:
+                return 0
+            lastData = time.monotonic()
+            if lib.BIO_write(compat.readBIO(conn), self._cipherPtr,
+                             got) != got:
+                raise OSError("TLS read buffer refused the data")
 
     def _fillPlain(self, buf) -> None:
         view = memoryview(buf)
@@ -390,34 +401,14 @@ class Receiver:
             lastData = time.monotonic()
 
     def _decrypt(self, target, size: int) -> None:
-        conn = self.conn
-        ssl = compat.ssl(conn)
         filled = 0
         lastData = time.monotonic()
         while filled < size:
-            n = lib.SSL_read(ssl, target + filled, size - filled)
-            if n > 0:
-                filled += n
-                continue
-            error = lib.SSL_get_error(ssl, n)
-            if error == lib.SSL_ERROR_ZERO_RETURN:
+            n = self._readTLS(target + filled, size - filled, lastData)
+            if n == 0:
                 raise self._closed()
-            if error != lib.SSL_ERROR_WANT_READ:
-                compat.raiseSSLError(conn, ssl, n)
-                raise OSError(f"TLS error {error}")
-            while True:
-                self._idle(lastData)
-                try:
-                    got = self.sock.sock.recv_into(self._cipher)
-                except (BlockingIOError, TimeoutError):
-                    continue
-                break
-            if got == 0:
-                raise self._closed()
+            filled += n
             lastData = time.monotonic()
-            if lib.BIO_write(compat.readBIO(conn), self._cipherPtr,
-                             got) != got:
-                raise OSError("TLS read buffer refused the data")
 
 
 class Sender:
@@ -872,8 +863,7 @@ class BodyThread:
             # from closing.
             error = e.with_traceback(None)
         finally:
-            setNonBlocking(sock)
-            self._sock.close()
+            self._giveUpSocket()
             error = self._cleanUp(error)
         if error is not None or self._stopping:
             self._reactor.callFromThread(self._threadStopped, error)
@@ -894,6 +884,16 @@ class BodyThread:
 
     def _idle(self, lastData: float) -> None:
         raise NotImplementedError()
+
+    def _giveUpSocket(self, sender: Sender | None = None) -> None:
+        """
+        In the thread, at its end: OpenSSL's modes back (C{sender}), the
+        socket's flags back, the duplicate closed.
+        """
+        if sender is not None:
+            sender.stop()
+        setNonBlocking(self._sock.sock)
+        self._sock.close()
 
     def _sendPending(self) -> None:
         """

@@ -321,9 +321,7 @@ class ReadSession(handoff.BodyThread):
         except Exception as e:
             error = e.with_traceback(None)
         finally:
-            sender.stop()
-            handoff.setNonBlocking(sock)
-            self._sock.close()
+            self._giveUpSocket(sender)
             self._reader.close()
         self._reactor.callFromThread(self._threadDone, error, leftover)
 
