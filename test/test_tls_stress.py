@@ -8,7 +8,10 @@ the end. Every byte is compared; the daemon must log no traceback and its
 guard must never fire.
 
 Large upload bodies (half of the PUTs) are decrypted by the reader thread
-(imageio.web.bodyreader) on the same keep-alive connections.
+(imageio.web.bodyreader) on the same keep-alive connections, and runs of
+small GETs are answered by the connection's read session
+(imageio.web.readsession), which gives the connection back at the first
+large range.
 
 A synchronous hand-off (the thread started from inside the TLS layer's
 dataReceived) failed this with "bad record mac" errors at the clients and
@@ -87,3 +90,10 @@ def test_tls_writer_stress(tmp_path):
     assert log.count("handed to a writer thread") > gets * 0.2
     puts = sum(r["puts"] for r in results)
     assert log.count("handed to a reader thread") > puts * 0.25
+    # And the read sessions (imageio.web.readsession) answered runs of
+    # small GETs on the same connections, cut and pipelined as the rest.
+    answered = sum(int(line.rsplit(": ", 1)[1].split()[0])
+                   for line in log.splitlines()
+                   if "answered by the thread" in line)
+    assert log.count("served by a thread") > 0
+    assert answered > gets * 0.05
