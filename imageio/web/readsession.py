@@ -141,18 +141,12 @@ class ReadSession(handoff.BodyThread):
     """
     A connection taken over by a thread that serves its small Range GETs
     (see the module docstring).
-
-    @cvar sessions: sessions started in this process (for tests).
-    @cvar served: requests the threads answered (for tests).
     """
 
     slots = _slots
     stopped = "Range GETs of"
     peer = "the client"
     _log = Logger()
-
-    sessions = 0
-    served = 0
 
     @classmethod
     def start(cls, reactor, channel, uri, store, ticket, backend,
@@ -207,7 +201,6 @@ class ReadSession(handoff.BodyThread):
         self._servedHere: list[tuple[int, int, float]] = []
         self._savedTimeout = None
         self._stallTimeout = channel.timeOut or 60
-        self._peerClosed = False
         self._unservable = False
         self._count = 0
 
@@ -217,7 +210,6 @@ class ReadSession(handoff.BodyThread):
         self._shadow()
         self._take()
         self._savedTimeout = self._channel.setTimeout(None)
-        ReadSession.sessions += 1
         self._log.debug("Range GETs of {peer} served by a thread",
                         peer=str(self._raw.getPeer()))
         try:
@@ -255,7 +247,6 @@ class ReadSession(handoff.BodyThread):
             self._posted = False
         if not served:
             return
-        ReadSession.served += len(served)
         self._count += len(served)
         ticket = self._ticket
         stats = self._stats
@@ -344,7 +335,7 @@ class ReadSession(handoff.BodyThread):
                 except _GiveBack:
                     return bytes(buf)
                 if n == 0:
-                    self._peerClosed = True
+                    # The client closed: Twisted sees it too.
                     return bytes(buf)
                 buf += memoryview(chunk)[:n]
                 end = buf.find(b"\r\n\r\n")
