@@ -41,7 +41,7 @@ import time
 from imageio import errors
 from imageio.abilities import IThreadReads
 from imageio.logs import Logger
-from imageio.web import handoff
+from imageio.web import bodywriter, handoff
 from imageio.web.http import SERVER, httpDate
 
 __all__ = ["ReadSession", "offer", "STREAK", "MAX_SIZE", "IDLE"]
@@ -51,7 +51,7 @@ STREAK = 2
 Small GETs answered on a connection before its thread takes it.
 """
 
-MAX_SIZE = 4 * 1024 * 1024
+MAX_SIZE = bodywriter.MIN_SIZE
 """
 Ranges of this size or more take the download path (the writer thread of
 L{imageio.web.bodywriter} streams them).
@@ -82,8 +82,11 @@ it gets no more: a client whose every request needs Twisted would pay for
 a hand-off per request.
 """
 
+# Responses up to this size go out as one SSL_write of head and body.
 _JOIN_LIMIT = 64 * 1024
 
+# The session's encryption buffer: its responses are small, a body
+# thread's 1 MiB would sit idle.
 SEND_SIZE = 256 * 1024
 
 POST_INTERVAL = 0.05
