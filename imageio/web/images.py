@@ -158,6 +158,20 @@ def _allowedRange(offset: int, size: int, ticket) -> None:
             "Requested range out of allowed range", ticket.size)
 
 
+async def _throughWriter(writer, send) -> None:
+    """
+    Await C{send()} (what feeds the body to C{writer}, a
+    L{bodywriter.SocketWriter}), then the writer's end; abort the writer
+    if either fails.
+    """
+    try:
+        await send()
+        await writer.close()
+    except BaseException:
+        await writer.abort()
+        raise
+
+
 class _CountingOperation:
     """
     A ticket operation that also counts its progress as bytes moved: the
@@ -417,13 +431,8 @@ class _Image(_Handler):
                     await backend.readTo(offset, size, request,
                                          operation=counting)
                 else:
-                    try:
-                        await backend.readTo(offset, size, writer,
-                                             operation=counting)
-                        await writer.close()
-                    except BaseException:
-                        await writer.abort()
-                        raise
+                    await _throughWriter(writer, lambda: backend.readTo(
+                        offset, size, writer, operation=counting))
             else:
                 writer = bodywriter.SocketWriter.takeOver(
                     request, size, self.images.reactor)
@@ -433,18 +442,15 @@ class _Image(_Handler):
                         metrics=stats if stats.enabled else None)
                     await producer.start()
                 else:
-                    try:
+                    def send():
                         source = writer.sourceFor(backend)
-                        producer = transfer.DownloadProducer(
+                        return transfer.DownloadProducer(
                             source, writer, offset, size, operation=op,
                             chunkSize=getattr(source, "chunkSize",
                                               transfer.CHUNK_SIZE),
-                            metrics=stats if stats.enabled else None)
-                        await producer.start()
-                        await writer.close()
-                    except BaseException:
-                        await writer.abort()
-                        raise
+                            metrics=stats if stats.enabled else None
+                        ).start()
+                    await _throughWriter(writer, send)
         except transfer.ProducerStopped:
             # The client went away; nobody to answer.
             return None
