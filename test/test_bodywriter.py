@@ -398,6 +398,82 @@ async def test_tls_handoff_from_clean_stack(tlsServer, tmp_path,
         assert "dataReceived" not in names
 
 
+class _Producer:
+    def __init__(self):
+        self.paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+class _Calls:
+    """
+    A reactor that keeps what threads ask it to call, to run them later.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, f, *args):
+        self.calls.append((f, args))
+
+    def run(self):
+        while self.calls:
+            f, args = self.calls.pop(0)
+            f(*args)
+
+
+class _SendOnRelease:
+    """
+    The writer's lock, whose first release by the reactor lets "the thread"
+    send everything queued at once: the tightest interleaving of a write
+    with the thread.
+    """
+
+    def __init__(self, writer):
+        self._cond = threading.Condition()
+        self._writer = writer
+        self.armed = True
+
+    def __enter__(self):
+        return self._cond.__enter__()
+
+    def __exit__(self, *exc):
+        self._cond.__exit__(*exc)
+        if self.armed:
+            self.armed = False
+            w = self._writer
+            with self._cond:
+                sent = sum(len(item) for item in w._queue)
+                w._queue.clear()
+            w._sent(sent)
+
+    def notify(self):
+        self._cond.notify()
+
+
+def test_pause_is_never_left_behind():
+    # A write that reaches the high-water mark pauses the producer. If the
+    # thread sends everything right after the write queued it, before the
+    # reactor pauses, the pause must still be undone: decided after the
+    # lock was released, it was not, and the download stopped for good (a
+    # curl waiting forever for the rest of its range).
+    reactor = _Calls()
+    writer = SocketWriter(reactor, None, 64 * MiB, None, None, None)
+    writer._started = True
+    producer = _Producer()
+    writer.registerProducer(producer, True)
+    writer._cond = _SendOnRelease(writer)
+    writer.write(b"x" * bodywriter.HIGH_WATER)
+    assert producer.paused
+    reactor.run()
+    assert not producer.paused
+    assert writer._queued == 0
+
+
 def test_guard_raises_and_counts():
     guard = handoff.Guard("peer")
     trips = handoff.Guard.trips

@@ -448,11 +448,19 @@ class SocketWriter:
         with self._cond:
             self._queue.append(data)
             self._queued += len(data)
-            queued = self._queued
+            # Decided under the lock: the thread may send all of it as
+            # soon as the lock is released, and it schedules a resume only
+            # if it sees the pause. (Decided after the release, a body the
+            # thread had already sent left the producer paused for good:
+            # a download that stopped in the middle.)
+            pause = (self._queued >= self._highWater
+                     and not self._producerPaused
+                     and self._producer is not None)
+            if pause:
+                self._producerPaused = True
             self._cond.notify()
-        if (queued >= self._highWater and not self._producerPaused
-                and self._producer is not None):
-            self._producerPaused = True
+        if pause:
+            # A resume the thread schedules now runs after this returns.
             self._producer.pauseProducing()
 
     # Ending.
@@ -606,10 +614,13 @@ class SocketWriter:
             self._reactor.callFromThread(self._resume)
 
     def _resume(self) -> None:
-        self._resumeScheduled = False
-        if self._producerPaused and self._producer is not None and \
-                self.failed is None and not self._aborting:
-            self._producerPaused = False
+        with self._cond:
+            self._resumeScheduled = False
+            resume = (self._producerPaused and self._producer is not None
+                      and self.failed is None and not self._aborting)
+            if resume:
+                self._producerPaused = False
+        if resume:
             self._producer.resumeProducing()
 
     def _wait(self, poller) -> None:
