@@ -413,6 +413,8 @@ async def test_direct_write_no_space(tlsServer, smallFS, transport):
 
 class _FakeReader:
     _reactor = reactor
+    CREDITS = SocketReader.CREDITS
+    diskBuffers = SocketReader.diskBuffers
 
 
 def test_disk_writer_buffers_reused(tmp_path):

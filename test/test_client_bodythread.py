@@ -10,12 +10,18 @@ import filecmp
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import threading
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from imageio.client import _bodythread, aio
+from imageio.backends import nbd as nbd_backend
+from imageio.backends import http as http_backend
+from imageio.backends.http import _relay
+from imageio.client import _bodythread, _transfer, aio
 from imageio.client._errors import ClientError, ServerError
 from imageio.units import MiB
 from imageio.web.handoff import Guard
@@ -85,6 +91,142 @@ async def test_download_threaded(tls_daemon, unix_daemon, tmp_path,
     else:
         from test.test_client import compare
         compare(src, dst)
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+@pytest_twisted.ensureDeferred
+async def test_thread_writes_the_local_image(tls_daemon, unix_daemon,
+                                             tmp_path, transport):
+    # The threads write the local image over NBD themselves: two pieces
+    # (128 MiB and 8 MiB) on one connection, so that the second body's
+    # thread borrows the NBD connection the first gave back.
+    daemon = tls_daemon if transport == "tls" else unix_daemon
+    size = 136 * MiB
+    src = str(tmp_path / "src.raw")
+    _dense(src, size)
+    url = daemon.url(daemon.add_ticket("file://" + src, size,
+                                       ops=["read"]))
+    dst = str(tmp_path / "dst.raw")
+    targets = _bodythread.ResponseReader.targets
+    await aio.download(url, dst, daemon.pki.ca, fmt="raw", max_workers=1,
+                       reactor=reactor)
+    await _settle()
+    assert _bodythread.ResponseReader.targets - targets == 2
+    assert _bodythread.running() == 0
+    assert filecmp.cmp(src, dst, shallow=False)
+
+
+class _OneSendServer:
+    """
+    Plain HTTP for one image in memory, a thread per connection, that
+    sends each range response, headers and body, with one C{sendall}: the
+    client reads the first body bytes with the headers (our daemon sends
+    its headers before the body). C{OPTIONS} is 405 (no features); a
+    C{GET} without C{Range} is answered with the length only.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,),
+                             daemon=True).start()
+
+    def _serve(self, conn):
+        with conn, conn.makefile("rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                headers = {}
+                while True:
+                    h = f.readline()
+                    if h in (b"\r\n", b""):
+                        break
+                    k, v = h.decode().split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+                if line.startswith(b"OPTIONS"):
+                    conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n"
+                                 b"Content-Length: 0\r\n\r\n")
+                    continue
+                if "range" not in headers:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d"
+                                 b"\r\n\r\n" % len(self.data))
+                    return
+                a, b = map(int, headers["range"].split("=")[1].split("-"))
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\n"
+                             b"Content-Range: bytes %d-%d/%d\r\n"
+                             b"Content-Length: %d\r\n\r\n"
+                             % (a, b, len(self.data), b + 1 - a)
+                             + self.data[a:b + 1])
+
+    def close(self):
+        self._sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_thread_writes_after_the_bytes_read_with_the_headers(
+        tmp_path, monkeypatch):
+    # Body bytes Twisted read with the headers reach the relay, which
+    # holds small pieces: the thread writing the rest to the local image
+    # must write after them, not over them. The relay gives them to the
+    # sink at the hand-off.
+    held = []
+    flush = _relay._StreamTo.flush
+
+    def countingFlush(self):
+        held.append(self._pendingSize)
+        flush(self)
+
+    monkeypatch.setattr(_relay._StreamTo, "flush", countingFlush)
+    data = os.urandom(24 * MiB)
+    server = _OneSendServer(data)
+    image = tmp_path / "dst.raw"
+    with open(image, "wb") as f:
+        f.truncate(len(data))
+    sock = str(tmp_path / "nbd.sock")
+    qemu = subprocess.Popen(["qemu-nbd", "--persistent", "-f", "raw",
+                             "-k", sock, str(image)])
+    try:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        src = await http_backend.HTTPBackend.connect(
+            reactor, url=f"http://127.0.0.1:{server.port}/image",
+            host="127.0.0.1", port=server.port, path="/image", mode="r")
+        dst = await nbd_backend.open(reactor, f"nbd:unix:{sock}",
+                                     mode="r+")
+        targets = _bodythread.ResponseReader.targets
+        try:
+            for offset in range(0, len(data), 8 * MiB):
+                await _transfer._download_piece(
+                    src, dst, offset, 8 * MiB, 4 * MiB,
+                    _transfer._Operation(None))
+            await dst.flush()
+        finally:
+            await src.close()
+            await dst.close()
+        await _settle()
+        assert _bodythread.ResponseReader.targets - targets == 3
+        # Each of the three bodies came with bytes for the relay.
+        assert len([n for n in held if n]) == 3, held
+        with open(image, "rb") as f:
+            assert f.read() == data
+    finally:
+        server.close()
+        qemu.terminate()
+        qemu.wait()
 
 
 @pytest_twisted.ensureDeferred

@@ -163,7 +163,11 @@ class ThreadTarget:
         try:
             self._conn.write(view, offset)
         except (nbd.NBDError, nbdthread.Broken) as e:
-            raise BackendError(f"NBD write failed: {e}") from None
+            # The server's error stays the cause: its errno is what the
+            # client tells the user (ENOSPC: no space left). Without its
+            # frames, which hold a view of the thread's buffer.
+            raise BackendError(f"NBD write failed: {e}") \
+                from e.with_traceback(None)
 
     def close(self) -> None:
         """

@@ -37,9 +37,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from imageio import compat
+from imageio.errors import BackendError
 from imageio.logs import Logger
 from imageio.units import MiB
-from imageio.web import handoff
+from imageio.web import bodyreader, handoff, readahead
 
 __all__ = ["ResponseReader", "RequestWriter", "MIN_SIZE", "BUFFER_SIZE",
            "running"]
@@ -52,6 +53,17 @@ Bodies with less left to read stay on Twisted's path.
 BUFFER_SIZE = 2 * MiB
 """
 Bytes per hand-over to the reactor.
+"""
+
+DIRECT_SIZE = 2 * MiB
+"""
+Bytes per NBD write when the thread writes the local image itself.
+"""
+
+_diskBuffers = readahead.Buffers(DIRECT_SIZE, keep=16)
+"""
+The threads' NBD write buffers, two per connection, kept between bodies:
+a download is a series of 8 MiB GETs on up to 8 connections.
 """
 
 IDLE_TIMEOUT = 60.0
@@ -149,9 +161,13 @@ class _BodyThread(handoff.BodyThread):
         super()._handBack()
 
 
-class ResponseReader(_BodyThread):
+class ResponseReader(bodyreader.DirectWrites, _BodyThread):
     """
-    The reader of the rest of one response body, in a thread.
+    The reader of the rest of one response body, in a thread. When the
+    body goes to a local image over NBD (a L{transfer.UploadSink} whose
+    backend lends its connection), the thread writes it there itself, as
+    the daemon's reader threads write uploads
+    (L{bodyreader.DirectWrites}): the reactor only counts.
 
     @cvar bodies: bodies taken over so far in this process (for tests).
     """
@@ -161,13 +177,18 @@ class ResponseReader(_BodyThread):
     stopped = "Download from"
     peer = "the server"
     WAKE = _WAKE
+    bufferSize = BUFFER_SIZE
+    directSize = DIRECT_SIZE
+    diskBuffers = _diskBuffers
 
-    def __init__(self, reactor, tls, raw, conn, http11, parser, decoder):
+    def __init__(self, reactor, tls, raw, conn, http11, parser, decoder,
+                 sink=None):
         super().__init__(reactor, tls, raw, conn)
         self._http11 = http11
         self._parser = parser
         self._decoder = decoder
-        self._remaining = 0
+        self._sink = sink
+        self._relay = None
         # Rule 1: no reads from here on; the thread takes over on a clean
         # stack (this runs inside the response callback, inside the TLS
         # layer's dataReceived).
@@ -176,13 +197,15 @@ class ResponseReader(_BodyThread):
         self._scheduled = reactor.callLater(0, self._handOff)
 
     @classmethod
-    def takeOver(cls, producer, reactor):
+    def takeOver(cls, producer, reactor, sink=None):
         """
         Decide to read the rest of a response body in a thread, from the
         consumer's C{registerProducer}.
 
         @param producer: the protocol receiving the body (its C{transport}
             is the response's L{TransportProxyProducer}).
+        @param sink: the L{transfer.UploadSink} the body goes to, if the
+            thread may write to its backend itself.
         @return: a L{ResponseReader}, or C{None} when the body stays on
             Twisted's path: chunked, less than L{MIN_SIZE} left, a
             connection that cannot be taken, or a proxy already cut off.
@@ -202,7 +225,11 @@ class ResponseReader(_BodyThread):
                 or decoder.contentLength is None
                 or decoder.contentLength < MIN_SIZE):
             return None
-        return cls._create(reactor, transport, http11, parser, decoder)
+        reader = cls._create(reactor, transport, http11, parser, decoder,
+                             sink)
+        if reader is not None:
+            reader._relay = producer
+        return reader
 
     # In the reactor: the hand-off.
 
@@ -218,27 +245,32 @@ class ResponseReader(_BodyThread):
             if not self._done:
                 self._handBack()
             return
+        sink = self._sink
+        if sink is not None:
+            # The thread writes after the bytes received before it: those
+            # the relay still holds go to the sink, and the sink writes
+            # them. Twisted does not read meanwhile, but the TLS layer may
+            # deliver plaintext it had: asked again after each wait.
+            flush = getattr(self._relay, "flush", None)
+            if flush is not None:
+                flush()
+            ready: list = []
+            d = sink.drain().addBoth(ready.append)
+            if not ready:
+                d.addBoth(lambda _: self._reactor.callLater(
+                    0, self._handOffLater))
+                return
         self._remaining = decoder.contentLength
+        self._useTarget(sink)
         self._take()
         ResponseReader.bodies += 1
         _pool.run(self._run)
 
-    # The thread.
+    def _handOffLater(self) -> None:
+        if not self._done and not self._stopping:
+            self._handOff()
 
-    def _read(self, fill) -> None:
-        remaining = self._remaining
-        while remaining:
-            self._waitCredit()
-            n = min(BUFFER_SIZE, remaining)
-            buf = bytearray(n)
-            fill(buf)
-            remaining -= n
-            if not remaining:
-                # Twisted may read again as soon as the last buffer is
-                # delivered.
-                handoff.setNonBlocking(self._sock.sock)
-            self._reactor.callFromThread(self._deliver, buf,
-                                         remaining == 0)
+    # The thread.
 
     def _idle(self, lastData: float) -> None:
         if self._stopping:
@@ -262,8 +294,13 @@ class ResponseReader(_BodyThread):
             return False
         return True
 
-    # On an error, the response fails with the connection's loss
-    # (_failed).
+    def _failed(self, error) -> None:
+        # On an error, the response fails with the connection's loss. A
+        # failed write of the local image fails the sink first, so that
+        # the transfer names it rather than the connection.
+        if isinstance(error, BackendError) and self._sink is not None:
+            self._sink.abort(Failure(error))
+        super()._failed(error)
 
 
 

@@ -306,7 +306,7 @@ class _SinkConsumer:
             # The rest of a large body is read by a thread
             # (L{_bodythread}); it comes back through the same producer.
             self.reader = _bodythread.ResponseReader.takeOver(
-                producer, self._reactor)
+                producer, self._reactor, self.sink)
 
     def unregisterProducer(self):
         self._relay.producer = None
@@ -410,15 +410,23 @@ async def _download_piece(src, dst, start, length, buffer_size, operation):
     sink = consumer.sink
     try:
         await src.readTo(start, length, consumer, operation=None)
+    except BaseException as e:
+        error = e
+    else:
+        sink.finish()
+        await sink.whenDone()
+        return
+    # Writing the local image failed first (ENOSPC, say): that is the
+    # error, raised on its own, not the download it stopped.
+    wroteFirst = sink.failed
+    sink.abort(Failure(error))
+    if wroteFirst:
+        await sink.whenDone()
+    try:
+        await sink.whenDone()
     except BaseException:
-        sink.abort(Failure())
-        try:
-            await sink.whenDone()
-        except BaseException:
-            pass
-        raise
-    sink.finish()
-    await sink.whenDone()
+        pass
+    raise error
 
 
 async def _worker(queue, src, dst, direction, buffer_size, operation):

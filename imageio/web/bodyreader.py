@@ -51,7 +51,7 @@ from imageio.deferreds import fireWaiters, whenResult
 from imageio.units import MiB
 from imageio.web import handoff, readahead
 
-__all__ = ["SocketReader", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE",
+__all__ = ["SocketReader", "DirectWrites", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE",
            "running"]
 
 MIN_SIZE = 4 * MiB
@@ -101,7 +101,112 @@ def running() -> int:
     return _slots.running
 
 
-class SocketReader(handoff.BodyThread):
+class DirectWrites:
+    """
+    A reader thread that writes the body to the backend itself when the
+    body's sink lets it (L{transfer.UploadSink.directTarget}: a file or an
+    nbd backend), with a second thread (L{_DiskWriter}) so that receiving
+    one buffer overlaps writing the one before; otherwise it hands its
+    buffers to the reactor. The daemon's request bodies (L{SocketReader})
+    and the client's download bodies
+    (L{imageio.client._bodythread.ResponseReader}) read this way.
+
+    The class it is mixed into is a L{handoff.BodyThread} that sets
+    C{_remaining} before the thread starts, and calls L{_useTarget} in the
+    reactor once the sink has written everything received before.
+
+    @cvar targets: bodies written to a backend by their threads, per
+        class (for tests).
+    @cvar bufferSize: bytes per hand-over to the reactor.
+    @cvar directSize: bytes per buffer the thread writes itself.
+    @cvar diskBuffers: where those buffers come from.
+    """
+
+    targets = 0
+    bufferSize = BUFFER_SIZE
+    directSize = DIRECT_SIZE
+    diskBuffers = _diskBuffers
+    _target = None
+    _disk = None
+    _offset = 0
+    _remaining = 0
+
+    def _useTarget(self, sink) -> None:
+        """
+        Take C{sink}'s direct target, if it has one (in the reactor, with
+        no write of the sink in flight).
+        """
+        directTarget = getattr(sink, "directTarget", None)
+        direct = directTarget() if directTarget is not None else None
+        if direct is not None:
+            self._target, self._offset = direct
+            type(self).targets += 1
+
+    # The thread.
+
+    # Blocking reads that wait for a whole buffer (MSG_WAITALL on a plain
+    # socket): one system call and one GIL hand-off per buffer instead of
+    # one per ~48 KiB the socket has queued (see handoff.BodyThread._run).
+
+    def _read(self, fill) -> None:
+        if self._target is not None:
+            self._disk = _DiskWriter(self, self._target)
+        disk = self._disk
+        remaining = self._remaining
+        for size, direct in self._pieces():
+            while size:
+                self._waitCredit()
+                n = min(self.directSize if direct else self.bufferSize,
+                        size)
+                if direct:
+                    buf = disk.take()
+                    with memoryview(buf)[:n] as view:
+                        fill(view)
+                else:
+                    buf = bytearray(n)
+                    fill(buf)
+                size -= n
+                remaining -= n
+                if not remaining:
+                    # Twisted may read again as soon as the last buffer
+                    # is delivered.
+                    handoff.setNonBlocking(self._sock.sock)
+                if disk is not None:
+                    # In stream order, after the writes before it.
+                    disk.put(buf, n, self._offset, direct, remaining == 0)
+                else:
+                    self._reactor.callFromThread(self._deliver, buf,
+                                                 remaining == 0)
+                self._offset += n
+        if disk is not None:
+            disk.finish()
+
+    def _cleanUp(self, error):
+        if self._disk is not None:
+            # Nothing is written once the thread reports.
+            error = self._disk.stop() or error
+        if self._target is not None:
+            self._target.close()
+        return error
+
+    def _pieces(self):
+        """
+        The rest of the body as C{(size, direct)} pieces: bytes for the
+        reactor, or whole blocks the thread writes itself (an unaligned
+        head and tail go to the reactor, the sink writes them with its
+        read-modify-write).
+        """
+        remaining = self._remaining
+        if self._target is None:
+            return [(remaining, False)]
+        bs = self._target.blockSize
+        head = min(remaining, -self._offset % bs)
+        blocks = (remaining - head) // bs * bs
+        return [(head, False), (blocks, True),
+                (remaining - head - blocks, False)]
+
+
+class SocketReader(DirectWrites, handoff.BodyThread):
     """
     The reader of the rest of one request body, in a thread.
 
@@ -121,12 +226,8 @@ class SocketReader(handoff.BodyThread):
         super().__init__(reactor, tls, raw, conn)
         self._request = request
         self._channel = request.channel
-        self._target = None
-        self._disk = None
-        self._offset = 0
         self._decoder = decoder
         self._timeout = timeout
-        self._remaining = 0
         self._result = None
         self._waiters: list[defer.Deferred] = []
         self.active = True
@@ -220,12 +321,10 @@ class SocketReader(handoff.BodyThread):
                     0, self._handOffLater))
                 return
         self._remaining = decoder.contentLength
-        # A file upload is written by the thread itself (the sink counts
-        # it); anything else is handed to the reactor buffer by buffer.
-        directTarget = getattr(sink, "directTarget", None)
-        direct = directTarget() if directTarget is not None else None
-        if direct is not None:
-            self._target, self._offset = direct
+        # A file or nbd upload is written by the thread itself (the sink
+        # counts it); anything else is handed to the reactor buffer by
+        # buffer.
+        self._useTarget(sink)
         self._take()
         SocketReader.bodies += 1
         self._log.debug("Body from {peer} handed to a reader thread",
@@ -239,66 +338,6 @@ class SocketReader(handoff.BodyThread):
             self._handOff()
 
     # The thread.
-
-    # Blocking reads that wait for a whole buffer (MSG_WAITALL on a plain
-    # socket): one system call and one GIL hand-off per buffer instead of
-    # one per ~48 KiB the socket has queued (see handoff.BodyThread._run).
-
-    def _read(self, fill) -> None:
-        if self._target is not None:
-            self._disk = _DiskWriter(self, self._target)
-        disk = self._disk
-        remaining = self._remaining
-        for size, direct in self._pieces():
-            while size:
-                self._waitCredit()
-                n = min(DIRECT_SIZE if direct else BUFFER_SIZE, size)
-                if direct:
-                    buf = disk.take()
-                    with memoryview(buf)[:n] as view:
-                        fill(view)
-                else:
-                    buf = bytearray(n)
-                    fill(buf)
-                size -= n
-                remaining -= n
-                if not remaining:
-                    # Twisted may read again as soon as the last buffer
-                    # is delivered.
-                    handoff.setNonBlocking(self._sock.sock)
-                if disk is not None:
-                    # In stream order, after the writes before it.
-                    disk.put(buf, n, self._offset, direct, remaining == 0)
-                else:
-                    self._reactor.callFromThread(self._deliver, buf,
-                                                 remaining == 0)
-                self._offset += n
-        if disk is not None:
-            disk.finish()
-
-    def _cleanUp(self, error):
-        if self._disk is not None:
-            # Nothing is written once the thread reports.
-            error = self._disk.stop() or error
-        if self._target is not None:
-            self._target.close()
-        return error
-
-    def _pieces(self):
-        """
-        The rest of the body as C{(size, direct)} pieces: bytes for the
-        reactor, or whole blocks the thread writes itself (a file upload:
-        an unaligned head and tail go to the reactor, the sink writes them
-        with its read-modify-write).
-        """
-        remaining = self._remaining
-        if self._target is None:
-            return [(remaining, False)]
-        bs = self._target.blockSize
-        head = min(remaining, -self._offset % bs)
-        blocks = (remaining - head) // bs * bs
-        return [(head, False), (blocks, True),
-                (remaining - head - blocks, False)]
 
     def _idle(self, lastData: float) -> None:
         if self._stopping:
@@ -344,12 +383,12 @@ class _DiskWriter:
     tail as bytes) to the reactor in stream order.
     """
 
-    def __init__(self, reader: SocketReader, target):
+    def __init__(self, reader: DirectWrites, target):
         self._reader = reader
         self._target = target
         self._cond = threading.Condition()
-        self._free = [_diskBuffers.take()
-                      for _ in range(SocketReader.CREDITS)]
+        self._buffers = reader.diskBuffers
+        self._free = [self._buffers.take() for _ in range(reader.CREDITS)]
         self._all = list(self._free)
         self._queue: deque = deque()
         self._stopping = False
@@ -411,7 +450,7 @@ class _DiskWriter:
         for buf in self._all:
             # Nothing views them any more: the thread is gone, the reader
             # released its views, and errors were stripped of frames.
-            _diskBuffers.give(buf)
+            self._buffers.give(buf)
         self._all = self._free = []
         return self.error
 

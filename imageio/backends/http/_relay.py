@@ -26,7 +26,8 @@ from zope.interface import implementer
 from imageio.backends.http._upstream import (
     SMALL_BODY_LIMIT, DropBody, readBody)
 from imageio.errors import BackendError, BadRequest
-from imageio.transfer import ProducerStopped, UploadSink, _operationOK
+from imageio.transfer import (
+    ProducerStopped, UploadSink, Written, _operationOK)
 from imageio.units import KiB, MiB
 
 if TYPE_CHECKING:
@@ -150,10 +151,28 @@ class _StreamTo(ProducerRelay, Protocol):
         if not _operationOK(self._operation, self._abort):
             return
         self.received += n
+        if isinstance(data, Written):
+            # Bytes a body thread wrote to the consumer's backend itself:
+            # their count goes to the consumer after the bytes before them.
+            if self._pending:
+                self._write()
+            self._consumer.write(data)
+            if self._operation is not None:
+                self._operation.progress(n)
+            return
         self._pending.append(data)
         self._pendingSize += n
         if (self._pendingSize >= STREAM_WRITE_SIZE
                 or self.received == self._length):
+            self._write()
+
+    def flush(self) -> None:
+        """
+        Write the pieces received and not yet written to the consumer now
+        (a body thread is about to write the rest of the body to the
+        consumer's backend itself, after them).
+        """
+        if self._pending and not self._finished:
             self._write()
 
     def _write(self):
