@@ -13,7 +13,30 @@ from twisted.application.internet import TimerService
 
 from imageio.logs import Logger
 
-__all__ = ["tune", "trim", "Reclaim"]
+__all__ = ["tune", "trim", "Reclaim", "MMAP_THRESHOLD", "HEAP_BUFFER",
+           "RECEIVE_SIZE"]
+
+HEAP_BUFFER = 1024 * 1024
+"""
+The size of buffers made again and again (a hand-over to the reactor, a
+checksum read): from the heap, so that none of them costs a new mapping.
+"""
+
+RECEIVE_SIZE = 256 * 1024
+"""
+The most bytes one socket read in the reactor asks for (the NBD client's,
+a TLS body's). A read allocates this much and shrinks to what arrived
+(often less than 200 KiB): reads of L{HEAP_BUFFER} left holes all over
+the heap (the soak peaked at 209 MiB with them), mappings of their own
+cost CPU (a checksum of an nbd image: 0.79 s per GiB instead of 0.56).
+"""
+
+MMAP_THRESHOLD = HEAP_BUFFER + 64 * 1024
+"""
+Allocations of this size or more are mappings of their own (L{tune}):
+returned whole when freed, but faulted in page by page when made. Just
+above L{HEAP_BUFFER} and the object's header.
+"""
 
 _log = Logger()
 
@@ -25,7 +48,7 @@ except (OSError, AttributeError):  # pragma: no cover - not glibc
     _libc = None
 
 
-def tune(arenas: int = 2, mmapThreshold: int = 4 * 1024 * 1024,
+def tune(arenas: int = 2, mmapThreshold: int = MMAP_THRESHOLD,
          trimThreshold: int = 32 * 1024 * 1024) -> None:
     """
     Keep glibc malloc from fragmenting on transfer buffers, and from giving
@@ -39,10 +62,20 @@ def tune(arenas: int = 2, mmapThreshold: int = 4 * 1024 * 1024,
     threshold stop the drift. The threshold was 512 KiB at first, but that
     made every 1 MiB chunk a fresh mmap, faulted in page by page and
     unmapped when freed: a TLS download spent 0.5 s of system time per GiB
-    on it (429 MB/s, 1.70 s CPU per GiB). Chunks up to 4 MiB now come from
-    the two arenas, which keep up to 32 MiB free at their top instead of
-    trimming after each chunk (881-905 MB/s, 1.17-1.19 s per GiB); what
-    they keep is given back by L{Reclaim}. Same as
+    on it (429 MB/s, 1.70 s CPU per GiB). The threshold went up to 4 MiB
+    then, and the two arenas kept up to 32 MiB free at their top instead
+    of trimming after each chunk (881-905 MB/s, 1.17-1.19 s per GiB).
+
+    Since then the large bodies moved to threads that reuse their buffers
+    (L{imageio.web.bodywriter}, L{imageio.web.bodyreader}), and the
+    1-4 MiB allocations left in the heaps only fragmented them: under the
+    soak the main heap held 80-96 MiB resident and the daemon peaked at
+    198-215 MiB. Now such allocations are mappings of their own
+    (L{MMAP_THRESHOLD}), the buffers made again and again stay below it
+    (L{HEAP_BUFFER}), and socket reads ask for L{RECEIVE_SIZE}: a
+    10-minute soak (bench/soak.py --minutes 10 --seed 7, 100,775
+    requests) peaked at 179 MiB, with the heap at about 40-55 MiB, and
+    went back to 97 MiB idle. Same as
     MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
     without depending on how the daemon is started.
     """

@@ -23,7 +23,7 @@ from collections import deque
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
-from imageio import blkhash, errors, transfer
+from imageio import blkhash, errors, malloc, transfer
 from imageio.abilities import IPieceReads, IZeroSteps
 from imageio.metrics import NO_METRICS
 from imageio.units import MiB
@@ -42,14 +42,14 @@ MAX_ZERO_STEP = 128 * MiB
 CHECKSUM_BUFFER = 16 * MiB
 
 # Reads of a checksum in flight, and their size. Each read's result is a
-# new bytes object: below malloc's mmap threshold (imageio.malloc, 4 MiB)
-# it comes from the arenas instead of a fresh mapping faulted in page by
-# page (4 MiB reads cost 25% more CPU on the bench's 4 GiB mixed image, and
-# the checksum ran 1.15x the reference's speed instead of 1.7x). Two reads
-# in flight keep the file backend on its idle aligned buffers instead of
-# mapping new ones (4 cost more CPU), and already keep the hashing threads
-# fed.
-CHECKSUM_READ_SIZE = 2 * MiB
+# new bytes object: below malloc's mmap threshold (imageio.malloc) it comes
+# from the heap instead of a fresh mapping faulted in page by page (reads
+# of twice the threshold cost 25% more CPU on the bench's 4 GiB mixed
+# image, and the checksum ran 1.15x the reference's speed instead of 1.7x).
+# Two reads in flight keep the file backend on its idle aligned buffers
+# instead of mapping new ones (4 cost more CPU), and already keep the
+# hashing threads fed.
+CHECKSUM_READ_SIZE = malloc.HEAP_BUFFER
 CHECKSUM_READS = 2
 
 # Runs of zero blocks longer than this are added in the pool: an 8 TiB hole

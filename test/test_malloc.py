@@ -97,11 +97,11 @@ def rss():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
 
-# Transfer-like buffers (2 MiB, under the mmap threshold: from the heap),
-# all freed but the last, which pins the top of the heap: glibc's own
-# trimming cannot return the free space below it.
-chunk = os.urandom(64) * (2 * 1024 * 1024 // 64)
-bufs = [bytearray(chunk) for _ in range(40)]
+# Transfer-like buffers (under the mmap threshold: from the heap), all
+# freed but the last, which pins the top of the heap: glibc's own trimming
+# cannot return the free space below it.
+chunk = os.urandom(64) * (malloc.HEAP_BUFFER // 64)
+bufs = [bytearray(chunk) for _ in range(84)]
 last = bufs.pop()
 bufs.clear()
 before = rss()

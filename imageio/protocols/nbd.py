@@ -28,6 +28,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from imageio import malloc
 from imageio.deferreds import fire
 from imageio.logs import Logger
 from imageio.protocols import nbdurl
@@ -170,11 +171,12 @@ class NBDClient(Protocol):
 
     def connectionMade(self):
         # Bigger reads from the socket: reads of MiBs arrive in fewer
-        # dataReceived calls (TWISTED-NOTES §1/§4). bufferSize is an
-        # attribute of twisted.internet.abstract.FileDescriptor (checked on
-        # Twisted 26.10); other transports simply lack it.
+        # dataReceived calls (TWISTED-NOTES §1/§4), each from malloc's
+        # heap (malloc.RECEIVE_SIZE). bufferSize is an attribute of
+        # twisted.internet.abstract.FileDescriptor (checked on Twisted
+        # 26.10); other transports simply lack it.
         if hasattr(self.transport, "bufferSize"):
-            self.transport.bufferSize = 1 << 20
+            self.transport.bufferSize = malloc.RECEIVE_SIZE
         if ITCPTransport.providedBy(self.transport):
             try:
                 self.transport.setTcpNoDelay(True)

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from imageio.logs import Logger
-from imageio import compat, errors
+from imageio import compat, errors, malloc
 from imageio.deferreds import fireWaiters
 from imageio.units import KiB, MiB
 from imageio.web import bodyreader
@@ -46,10 +46,12 @@ JSON messages and the like are a few hundred bytes). Larger bodies are
 refused with 413 before they are read.
 """
 
-RECEIVE_SIZE = 1 * MiB
+RECEIVE_SIZE = malloc.RECEIVE_SIZE
 """
 Socket read size while a body streams over TLS (Twisted's default is 64
-KiB; 1 MiB reads nearly double upload throughput, TWISTED-NOTES §1).
+KiB; 1 MiB reads nearly doubled upload throughput, TWISTED-NOTES §1, when
+every upload body took this path; bodies of 4 MiB or more are read by
+threads now), from the heap.
 """
 
 PLAIN_RECEIVE_SIZE = 128 * KiB - 1 * KiB
