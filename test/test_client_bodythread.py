@@ -58,6 +58,19 @@ def unix_daemon(tmp_path_factory):
     d.stop()
 
 
+def _denseTicket(daemon, tmp_path, size):
+    """
+    A dense random image of C{size} bytes and a read ticket for it.
+
+    @return: C{(path, url)}.
+    """
+    src = str(tmp_path / "src.raw")
+    _dense(src, size)
+    url = daemon.url(daemon.add_ticket("file://" + src, size,
+                                       ops=["read"]))
+    return src, url
+
+
 async def _settle():
     # Hand-backs run on later reactor turns.
     for _ in range(100):
@@ -73,10 +86,7 @@ async def test_download_threaded(tls_daemon, unix_daemon, tmp_path,
                                  transport, fmt):
     daemon = tls_daemon if transport == "tls" else unix_daemon
     size = 40 * MiB
-    src = str(tmp_path / "src.raw")
-    _dense(src, size)
-    url = daemon.url(daemon.add_ticket("file://" + src, size,
-                                       ops=["read"]))
+    src, url = _denseTicket(daemon, tmp_path, size)
     dst = str(tmp_path / f"dst.{fmt}")
     bodies, trips = _bodythread.ResponseReader.bodies, Guard.trips
     await aio.download(url, dst, daemon.pki.ca, fmt=fmt, max_workers=3,
@@ -102,10 +112,7 @@ async def test_thread_writes_the_local_image(tls_daemon, unix_daemon,
     # thread borrows the NBD connection the first gave back.
     daemon = tls_daemon if transport == "tls" else unix_daemon
     size = 136 * MiB
-    src = str(tmp_path / "src.raw")
-    _dense(src, size)
-    url = daemon.url(daemon.add_ticket("file://" + src, size,
-                                       ops=["read"]))
+    src, url = _denseTicket(daemon, tmp_path, size)
     dst = str(tmp_path / "dst.raw")
     targets = _bodythread.ResponseReader.targets
     await aio.download(url, dst, daemon.pki.ca, fmt="raw", max_workers=1,
@@ -235,10 +242,7 @@ async def test_keep_alive_after_threaded_body(tls_daemon, tmp_path):
     # connection (extents, another body, a small read) all see a sane
     # stream.
     size = 24 * MiB
-    src = str(tmp_path / "src.raw")
-    _dense(src, size)
-    url = tls_daemon.url(tls_daemon.add_ticket("file://" + src, size,
-                                               ops=["read"]))
+    src, url = _denseTicket(tls_daemon, tmp_path, size)
     client = await aio.ImageioClient.open(url, tls_daemon.pki.ca,
                                           reactor=reactor)
     try:
@@ -269,10 +273,7 @@ async def test_cancel_mid_body(tls_daemon, tmp_path):
     # Cancelling the download while threads own connections: the
     # threads stop, the connections are aborted, nothing trips.
     size = 256 * MiB
-    src = str(tmp_path / "src.raw")
-    _dense(src, size)
-    url = tls_daemon.url(tls_daemon.add_ticket("file://" + src, size,
-                                               ops=["read"]))
+    src, url = _denseTicket(tls_daemon, tmp_path, size)
     dst = str(tmp_path / "dst.raw")
     trips = Guard.trips
     seen = []
@@ -305,10 +306,7 @@ async def test_server_dies_mid_body(tmp_path):
                                  extra={"local": {"enable": False}})
     try:
         size = 512 * MiB
-        src = str(tmp_path / "src.raw")
-        _dense(src, size)
-        url = daemon.url(daemon.add_ticket("file://" + src, size,
-                                           ops=["read"]))
+        src, url = _denseTicket(daemon, tmp_path, size)
         seen = []
 
         def progress(n):
