@@ -182,13 +182,13 @@ class ResponseReader(bodyreader.DirectWrites, _BodyThread):
     diskBuffers = _diskBuffers
 
     def __init__(self, reactor, tls, raw, conn, http11, parser, decoder,
-                 sink=None):
+                 relay=None, sink=None):
         super().__init__(reactor, tls, raw, conn)
         self._http11 = http11
         self._parser = parser
         self._decoder = decoder
+        self._relay = relay
         self._sink = sink
-        self._relay = None
         # Rule 1: no reads from here on; the thread takes over on a clean
         # stack (this runs inside the response callback, inside the TLS
         # layer's dataReceived).
@@ -225,11 +225,8 @@ class ResponseReader(bodyreader.DirectWrites, _BodyThread):
                 or decoder.contentLength is None
                 or decoder.contentLength < MIN_SIZE):
             return None
-        reader = cls._create(reactor, transport, http11, parser, decoder,
-                             sink)
-        if reader is not None:
-            reader._relay = producer
-        return reader
+        return cls._create(reactor, transport, http11, parser, decoder,
+                           producer, sink)
 
     # In the reactor: the hand-off.
 

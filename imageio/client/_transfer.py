@@ -416,16 +416,18 @@ async def _download_piece(src, dst, start, length, buffer_size, operation):
         sink.finish()
         await sink.whenDone()
         return
-    # Writing the local image failed first (ENOSPC, say): that is the
-    # error, raised on its own, not the download it stopped.
+    # If writing the local image failed first (ENOSPC, say), that is the
+    # error, raised on its own (outside an except block: not chained to
+    # the download it stopped).
     wroteFirst = sink.failed
     sink.abort(Failure(error))
-    if wroteFirst:
-        await sink.whenDone()
+    writeError = None
     try:
         await sink.whenDone()
-    except BaseException:
-        pass
+    except BaseException as e:
+        writeError = e
+    if wroteFirst and writeError is not None:
+        raise writeError
     raise error
 
 
