@@ -74,8 +74,8 @@ def tune(arenas: int = 2, mmapThreshold: int = MMAP_THRESHOLD,
     (L{MMAP_THRESHOLD}), the buffers made again and again stay below it
     (L{HEAP_BUFFER}), and socket reads ask for L{RECEIVE_SIZE}: a
     10-minute soak (bench/soak.py --minutes 10 --seed 7, 100,775
-    requests) peaked at 179 MiB, with the heap at about 40-55 MiB, and
-    went back to 97 MiB idle. Same as
+    requests) peaked at 179 MiB, with the heap at most 66 MiB resident,
+    and went back to 97 MiB idle. Same as
     MALLOC_ARENA_MAX, MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_,
     without depending on how the daemon is started.
     """
