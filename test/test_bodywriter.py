@@ -684,3 +684,59 @@ async def test_direct_reads_buffered_fallback(tlsServer, tmp_path,
     assert results == [True] * 4
     assert SocketWriter.regions > regions
     assert readahead.DirectReads.bodies == direct
+
+
+def test_buffers_budget():
+    bufs = readahead.Buffers(4096, keep=1, budget=2)
+    first = bufs.take()
+    second = bufs.tryTake()
+    assert second is not None
+    assert bufs.out == 2
+    # Past the budget only take() gives: a body's first two pieces.
+    assert bufs.tryTake() is None
+    third = bufs.take()
+    assert bufs.out == 3
+    for buf in (first, second, third):
+        bufs.give(buf)
+    assert bufs.out == 0
+    assert bufs.tryTake() is not None
+
+
+def _readAll(reads, size):
+    out = bytearray()
+    while len(out) < size:
+        n, buf, skip = reads.next()
+        out += b"\0" * n if buf is None else buf[skip:skip + n]
+        if buf is not None:
+            reads.give(buf)
+    return bytes(out)
+
+
+def test_direct_reads_depth_within_budget(tmp_path, monkeypatch):
+    # A body reads up to DEPTH pieces ahead while the process-wide budget
+    # lasts; past it, a body still reads with two. The bytes are right
+    # either way, and every buffer goes back.
+    bufs = readahead.Buffers(readahead.DIRECT_CHUNK + readahead.ALIGN,
+                             keep=8, budget=readahead.DEPTH + 1)
+    monkeypatch.setattr(readahead, "directBuffers", bufs)
+    size = 6 * readahead.DIRECT_CHUNK + 12345
+    data = os.urandom(size)
+    path = tmp_path / "depth.raw"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        deep = readahead.DirectReads(fd, 0, size)
+        shallow = readahead.DirectReads(fd, 4096 + 7, size)
+        small = readahead.DirectReads(fd, 0, 100)
+        assert len(deep._all) == readahead.DEPTH
+        assert len(shallow._all) == 2
+        assert len(small._all) == 2
+        assert bufs.out == readahead.DEPTH + 4
+        assert _readAll(deep, size) == data
+        assert _readAll(shallow, size - 4103) == data[4103:]
+        assert _readAll(small, 100) == data[:100]
+        for reads in (deep, shallow, small):
+            reads.stop()
+    finally:
+        os.close(fd)
+    assert bufs.out == 0
