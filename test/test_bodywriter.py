@@ -713,29 +713,30 @@ def _readAll(reads, size):
 
 
 def test_direct_reads_depth_within_budget(tmp_path, monkeypatch):
-    # A body reads up to DEPTH pieces ahead while the process-wide budget
-    # lasts; past it, a body still reads with two. The bytes are right
+    # A long body reads with DEPTH pieces while the process-wide budget
+    # lasts; past it, and for short bodies, two. The bytes are right
     # either way, and every buffer goes back.
     bufs = readahead.Buffers(readahead.DIRECT_CHUNK + readahead.ALIGN,
-                             keep=8, budget=readahead.DEPTH + 1)
+                             keep=8, budget=readahead.DEPTH + 4)
     monkeypatch.setattr(readahead, "directBuffers", bufs)
-    size = 6 * readahead.DIRECT_CHUNK + 12345
+    size = readahead.DEEP_SIZE + 12345
     data = os.urandom(size)
     path = tmp_path / "depth.raw"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
+        short = readahead.DirectReads(fd, 0, readahead.DEEP_SIZE - 1)
         deep = readahead.DirectReads(fd, 0, size)
-        shallow = readahead.DirectReads(fd, 4096 + 7, size)
-        small = readahead.DirectReads(fd, 0, 100)
+        past = readahead.DirectReads(fd, 4096 + 7, size)
+        assert len(short._all) == 2
         assert len(deep._all) == readahead.DEPTH
-        assert len(shallow._all) == 2
-        assert len(small._all) == 2
+        assert len(past._all) == 2
         assert bufs.out == readahead.DEPTH + 4
         assert _readAll(deep, size) == data
-        assert _readAll(shallow, size - 4103) == data[4103:]
-        assert _readAll(small, 100) == data[:100]
-        for reads in (deep, shallow, small):
+        assert _readAll(past, size - 4103) == data[4103:]
+        assert _readAll(short, readahead.DEEP_SIZE - 1) == \
+            data[:readahead.DEEP_SIZE - 1]
+        for reads in (deep, past, short):
             reads.stop()
     finally:
         os.close(fd)
