@@ -33,10 +33,11 @@ DEPTH = 4
 Pieces a body's reader may hold: read and waiting, or being sent. Two
 are always given; the others come from L{AHEAD_BUDGET}. Four parallel
 TLS Range downloads with one worker (2 GiB, cold cache, against the
-reference in the same runs): two pieces of 2 MiB 0.90-0.92x, two of
-4 MiB 0.97x, three of 4 MiB 1.08-1.11x, four of 4 MiB 1.17x. With two
-pieces the reader waits whenever the sending lags behind for a moment,
-and the disk idles meanwhile.
+reference in the same runs; medians of 5 runs): two pieces of 2 MiB
+0.90-0.92x, two of 4 MiB 0.97x, three of 4 MiB 1.08-1.11x, four of
+4 MiB 1.00-1.17x (four sets, the disk's speed varying by a third from
+one to the next). With two pieces the reader waits whenever the sending
+lags behind for a moment, and the disk idles meanwhile.
 """
 
 DEEP_SIZE = 32 * MiB
