@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 
 import pytest
@@ -27,7 +26,7 @@ from imageio.units import MiB
 from imageio.web.handoff import Guard
 
 from test.support import controlRequest
-from test.test_client import qemu_img, start_our_daemon
+from test.test_client import NBDServer, qemu_img, start_our_daemon
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-img") is None or shutil.which("qemu-nbd") is None,
@@ -201,19 +200,12 @@ async def test_thread_writes_after_the_bytes_read_with_the_headers(
     image = tmp_path / "dst.raw"
     with open(image, "wb") as f:
         f.truncate(len(data))
-    sock = str(tmp_path / "nbd.sock")
-    qemu = subprocess.Popen(["qemu-nbd", "--persistent", "-f", "raw",
-                             "-k", sock, str(image)])
+    nbd = NBDServer(str(image), "raw", str(tmp_path / "nbd.sock"))
     try:
-        for _ in range(500):
-            if os.path.exists(sock):
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
         src = await http_backend.HTTPBackend.connect(
             reactor, url=f"http://127.0.0.1:{server.port}/image",
             host="127.0.0.1", port=server.port, path="/image", mode="r")
-        dst = await nbd_backend.open(reactor, f"nbd:unix:{sock}",
-                                     mode="r+")
+        dst = await nbd_backend.open(reactor, nbd.url, mode="r+")
         targets = _bodythread.ResponseReader.targets
         try:
             for offset in range(0, len(data), 8 * MiB):
@@ -232,8 +224,7 @@ async def test_thread_writes_after_the_bytes_read_with_the_headers(
             assert f.read() == data
     finally:
         server.close()
-        qemu.terminate()
-        qemu.wait()
+        nbd.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -51,8 +51,8 @@ from imageio.deferreds import fireWaiters, whenResult
 from imageio.units import MiB
 from imageio.web import handoff, readahead
 
-__all__ = ["SocketReader", "DirectWrites", "MIN_SIZE", "MAX_READERS", "BUFFER_SIZE",
-           "running"]
+__all__ = ["SocketReader", "DirectWrites", "MIN_SIZE", "MAX_READERS",
+           "BUFFER_SIZE", "running"]
 
 MIN_SIZE = 4 * MiB
 """
