@@ -43,7 +43,8 @@ __all__ = [
     "swapConnection", "tlsLost", "flushReceiveBIO", "ssl", "readBIO",
     "writeBIO", "raiseSSLError", "pendingOutput", "clearPendingOutput",
     "unwrapProtocol", "responseTransport", "responseParser",
-    "requestTransport", "clearExitSignal", "currentConnection"]
+    "requestTransport", "clearExitSignal", "currentConnection",
+    "handshaking"]
 
 TESTED = {"Twisted": "26.10", "pyOpenSSL": "26.4"}
 """
@@ -200,6 +201,17 @@ def tlsConnection(transport):
             or not hasattr(conn, "_into_ssl")):
         return None
     return conn
+
+
+def handshaking(transport) -> bool:
+    """
+    Whether C{transport} (a TLS layer) is still handshaking, or has
+    writes queued until the handshake is done: a connection that
+    L{tlsConnection} refuses now and may accept later.
+    """
+    return (not getattr(transport, "_lostTLSConnection", True)
+            and (not getattr(transport, "_handshakeDone", False)
+                 or bool(getattr(transport, "_appSendBuffer", None))))
 
 
 def currentConnection(transport):

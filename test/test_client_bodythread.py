@@ -346,6 +346,37 @@ async def test_upload_threaded(tls_daemon, unix_daemon, tmp_path, transport,
 
 
 @pytest_twisted.ensureDeferred
+async def test_upload_every_piece_threaded(tls_daemon, tmp_path,
+                                           monkeypatch):
+    # An nbd ticket offers several writers: four pieces on four
+    # connections opened together, three of which start their body while
+    # their TLS handshake still runs. Each body still goes to a writer
+    # thread once its handshake is done (before, only the piece on the
+    # connection kept from OPTIONS did).
+    monkeypatch.setattr(_transfer, "MAX_COPY_SIZE", 24 * MiB)
+    size = 96 * MiB
+    src = str(tmp_path / "src.raw")
+    _dense(src, size)
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    nbd = NBDServer(dst, "raw", str(tmp_path / "nbd.sock"))
+    try:
+        url = tls_daemon.url(tls_daemon.add_ticket(nbd.url, size,
+                                                   ops=["write"]))
+        bodies, trips = _bodythread.RequestWriter.bodies, Guard.trips
+        await aio.upload(src, url, tls_daemon.pki.ca, max_workers=4,
+                         reactor=reactor)
+        await _settle()
+    finally:
+        nbd.stop()
+    assert _bodythread.RequestWriter.bodies - bodies == 4
+    assert Guard.trips == trips
+    assert _bodythread.running() == 0
+    assert filecmp.cmp(src, dst, shallow=False)
+
+
+@pytest_twisted.ensureDeferred
 async def test_upload_early_answer(tls_daemon, tmp_path):
     # The server refuses the body after its headers (416: past the
     # ticket's range) while a thread sends it: the server's answer is

@@ -245,7 +245,7 @@ def pki(tmp_path_factory):
     return makePKI(str(tmp_path_factory.mktemp("pki")))
 
 
-def _tlsPair(pki):
+def _tlsPair(pki, greet=True):
     # The daemon's own server options.
     serverOptions = tlsOptions(TLSFiles(key_file=pki.key,
                                         cert_file=pki.cert))
@@ -265,15 +265,29 @@ def _tlsPair(pki):
     server_ = serverFactory.buildProtocol(None)
     client = clientFactory.buildProtocol(None)
     pump = iosim.connect(server_, iosim.makeFakeServer(server_),
-                         client, iosim.makeFakeClient(client))
+                         client, iosim.makeFakeClient(client),
+                         greet=greet)
     return server_, client, pump, received
 
 
 def test_tls_connection(pki):
-    server_, client, pump, received = _tlsPair(pki)
+    server_, client, pump, received = _tlsPair(pki, greet=False)
     expect(isinstance(client, tls.BufferingTLSTransport),
            "TLSMemoryBIOFactory builds a BufferingTLSTransport")
+    # Before the handshake: writes wait in the layer, no Connection for
+    # a thread yet.
+    client.write(b"early")
+    compat.flushAggregator(client)
+    expect(compat.handshaking(client) and compat.tlsConnection(client)
+           is None, "TLSMemoryBIOProtocol._handshakeDone and "
+           "_appSendBuffer before the handshake (compat.handshaking)")
     pump.flush()
+    expect(not compat.handshaking(client) and not compat.handshaking(
+        server_), "TLSMemoryBIOProtocol._handshakeDone and _appSendBuffer "
+        "after the handshake (compat.handshaking)")
+    expect(b"".join(received) == b"early",
+           "writes queued during the handshake are sent after it")
+    received.clear()
     for side in (server_, client):
         conn = compat.tlsConnection(side)
         expect(isinstance(conn, SSL.Connection),

@@ -309,6 +309,12 @@ producer is paused; it is resumed below L{LOW_WATER}.
 
 LOW_WATER = 4 * MiB
 
+HANDSHAKE_POLL = 0.002
+"""
+Seconds between looks at a connection still in its TLS handshake when
+its request body starts.
+"""
+
 _END = object()
 
 
@@ -368,10 +374,32 @@ class RequestWriter(_BodyThread):
 
         def startProducing(consumer):
             d = start(consumer)
-            cls.takeOver(stream, consumer, reactor)
+            cls._takeOverWhenReady(stream, consumer, reactor)
             return d
 
         stream.startProducing = startProducing
+
+    @classmethod
+    def _takeOverWhenReady(cls, stream, consumer, reactor) -> None:
+        """
+        L{takeOver} now, or once the connection's TLS handshake is done.
+
+        A request on a connection just opened starts its body while the
+        handshake still runs: the TLS layer queues the writes, and no
+        thread may take the connection yet. Before this waited, those
+        bodies stayed on Twisted's path to their end: an upload's
+        workers open their connections together, so 7 of the 8 first
+        128 MiB pieces were encrypted by the reactor thread.
+        """
+        if cls.takeOver(stream, consumer, reactor) is not None:
+            return
+        transport = compat.requestTransport(consumer)
+        if (isinstance(transport, TLSMemoryBIOProtocol)
+                and compat.handshaking(transport)
+                and getattr(transport.transport, "connected", False)
+                and stream.length - stream.written >= MIN_SIZE):
+            reactor.callLater(HANDSHAKE_POLL, cls._takeOverWhenReady,
+                              stream, consumer, reactor)
 
     @classmethod
     def takeOver(cls, stream, consumer, reactor):
