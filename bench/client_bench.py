@@ -40,11 +40,14 @@ whose median room is below 1.25 for either ceiling says so ("no room").
 Built on run.py's L{Bench} (images, the run loop with its interleaving and
 cache drops, the report); L{scenarios} is the hook run.py calls.
 
-Measured 2026-12-07 (2 shared cores, load average 6-8 from other jobs,
---scale 0.25, 5 runs): ratio medians 0.74-1.32 over the 32 rows, 3 rows
-at the target; the same transfer varied up to 3x between runs for both
-clients. Our client used 1.3-1.7 s of CPU per transfer (process and its
-qemu-nbd, imports included) against the reference's 0.9-1.2 s.
+Measured 2026-12-07 (2 cores; full size, 5 runs; /tmp/cm9.json): ratio
+medians 0.93-1.38 over the 32 rows, 4 rows at the target (uploads of the
+dense images to file tickets); 3 rows have no room (the downloads of the
+dense raw image from a file ticket: their first ceiling leaves 1.17 and
+1.21; the mixed raw download from an nbd ticket of our daemon: the ideal
+client leaves 1.23). Our client used 2.6-3.5 s of CPU per transfer
+(process and its qemu-nbd, imports included), the reference's 2.5-3.6 s
+(6.3-6.5 s both on the mixed file downloads from the reference daemon).
 """
 
 from __future__ import annotations

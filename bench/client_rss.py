@@ -11,12 +11,15 @@ of random data, uploads it to a file ticket with imageio.client.upload and
 downloads it back with imageio.client.download (or, with --cli, the
 `imageio` command's main()), each in a fresh Python process that prints
 its own peak RSS (VmHWM: the client process only; the private qemu-nbd
-is a separate process). Checks that the copies are identical. Not part of
+is a separate process). With --nbd the ticket is an nbd ticket (qemu-nbd
+serving the target), so the client uses up to 8 connections, each body
+sent or received by a thread of its own. Checks that the copies are identical. Not part of
 `make test`.
 
 Measured 2026-12-07 (2 shared cores, 8 connections, TLS, raw): peak
 client RSS upload 70 MiB (library) / 68 MiB (command), download 112 /
-100 MiB.
+100 MiB. With --nbd (8 connections writing): upload 178 MiB (175 MiB
+before the bodies on new connections went to threads), download 90 MiB.
 """
 
 import argparse
@@ -87,6 +90,10 @@ def main():
                    help="let the client use the daemon's unix socket")
     p.add_argument("--workers", type=int, default=None,
                    help="max_workers (default: the client's default)")
+    p.add_argument("--nbd", action="store_true",
+                   help="serve the ticket's image with qemu-nbd (an nbd "
+                        "ticket: the server offers 8 connections) "
+                        "instead of a file ticket (1 writer)")
     p.add_argument("--cli", action="store_true",
                    help="run the imageio command (in-process main()) "
                         "instead of the library functions")
@@ -110,11 +117,25 @@ def main():
         with open(target, "wb") as f:
             f.truncate(size)
         d = Daemon(conf)
+        nbd = None
         try:
+            ticketURL = "file://" + target
+            if args.nbd:
+                nbdSock = os.path.join(tmp, "nbd.sock")
+                nbd = subprocess.Popen(
+                    ["qemu-nbd", "-f", "raw", "-k", nbdSock, "-t", "-e",
+                     "8", "--cache=none", "--aio=native", "-x", "",
+                     target])
+                deadline = time.monotonic() + 10
+                while not os.path.exists(nbdSock):
+                    if time.monotonic() > deadline:
+                        raise SystemExit("qemu-nbd did not start")
+                    time.sleep(0.05)
+                ticketURL = f"nbd:unix:{nbdSock}"
             sock = os.path.join(tmp, "run", "sock")
             controlRequest(sock, "PUT", "/tickets/b", {
                 "uuid": "b", "size": size, "ops": ["read", "write"],
-                "timeout": 3600, "url": "file://" + target})
+                "timeout": 3600, "url": ticketURL})
             url = f"https://localhost:{d.remotePort}/images/b"
             kw = {}
             if args.workers:
@@ -140,8 +161,12 @@ def main():
             compare = time.monotonic() - t0
         finally:
             d.stop()
+            if nbd is not None:
+                nbd.terminate()
+                nbd.wait()
         print(json.dumps({
             "size_gib": args.size_gib, "fmt": args.fmt,
+            "ticket": "nbd" if args.nbd else "file",
             "transport": "unix" if args.unix else "tls",
             "client": "imageio command" if args.cli else "library",
             "upload": {"MB/s": round(size / up["elapsed"] / 1e6),
