@@ -57,6 +57,16 @@ def unix_daemon(tmp_path_factory):
     d.stop()
 
 
+def _emptyTarget(tmp_path, size):
+    """
+    An empty raw image of C{size} bytes to upload to.
+    """
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    return dst
+
+
 def _denseTicket(daemon, tmp_path, size):
     """
     A dense random image of C{size} bytes and a read ticket for it.
@@ -330,9 +340,7 @@ async def test_upload_threaded(tls_daemon, unix_daemon, tmp_path, transport,
     if fmt == "qcow2":
         src = str(tmp_path / "src.qcow2")
         qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, src)
-    dst = str(tmp_path / "dst.raw")
-    with open(dst, "wb") as f:
-        f.truncate(size)
+    dst = _emptyTarget(tmp_path, size)
     url = daemon.url(daemon.add_ticket("file://" + dst, size,
                                        ops=["write"]))
     bodies, trips = _bodythread.RequestWriter.bodies, Guard.trips
@@ -357,9 +365,7 @@ async def test_upload_every_piece_threaded(tls_daemon, tmp_path,
     size = 96 * MiB
     src = str(tmp_path / "src.raw")
     _dense(src, size)
-    dst = str(tmp_path / "dst.raw")
-    with open(dst, "wb") as f:
-        f.truncate(size)
+    dst = _emptyTarget(tmp_path, size)
     nbd = NBDServer(dst, "raw", str(tmp_path / "nbd.sock"))
     try:
         url = tls_daemon.url(tls_daemon.add_ticket(nbd.url, size,
@@ -384,9 +390,7 @@ async def test_upload_early_answer(tls_daemon, tmp_path):
     size = 64 * MiB
     src = str(tmp_path / "src.raw")
     _dense(src, size)
-    dst = str(tmp_path / "dst.raw")
-    with open(dst, "wb") as f:
-        f.truncate(size)
+    dst = _emptyTarget(tmp_path, size)
     url = tls_daemon.url(tls_daemon.add_ticket("file://" + dst, 4 * MiB,
                                                ops=["write"]))
     trips = Guard.trips
@@ -412,9 +416,7 @@ async def test_upload_ticket_removed_mid_body(tls_daemon, tmp_path):
     size = 512 * MiB
     src = str(tmp_path / "src.raw")
     _dense(src, size)
-    dst = str(tmp_path / "dst.raw")
-    with open(dst, "wb") as f:
-        f.truncate(size)
+    dst = _emptyTarget(tmp_path, size)
     ticket = tls_daemon.add_ticket("file://" + dst, size, ops=["write"])
     url = tls_daemon.url(ticket)
     trips = Guard.trips
