@@ -337,23 +337,23 @@ def _ceiling(matrix, op, fmt, density, backend) -> float:
             target = matrix.targets[(density, backend)]
             os.truncate(target, 0)
             os.truncate(target, size)
-            dst = ["-t", "none", target]
+            cache, dst = ["-t", "none"], target
         else:
             export = matrix.exports[("up", density)]
-            dst = [f"nbd+unix:///?socket={export.sock}"]
+            cache, dst = [], f"nbd+unix:///?socket={export.sock}"
         argv = ["qemu-img", "convert", "-n", "-W", "-m", "16", "-T", "none",
-                "-f", fmt, "-O", "raw", source, *dst]
+                *cache, "-f", fmt, "-O", "raw", source, dst]
     else:
         if backend == "file":
-            src = ["-T", "none", matrix.sources[density]]
+            cache, src = ["-T", "none"], matrix.sources[density]
         else:
             export = matrix.exports[("down", density)]
-            src = [f"nbd+unix:///?socket={export.sock}"]
+            cache, src = [], f"nbd+unix:///?socket={export.sock}"
         target = os.path.join(matrix.work, f"copy.{fmt}")
         if os.path.exists(target):
             os.unlink(target)
         argv = ["qemu-img", "convert", "-W", "-m", "16", "-t", "none",
-                "-f", "raw", "-O", fmt, *src, target]
+                *cache, "-f", "raw", "-O", fmt, src, target]
     if run.canDropCaches():
         run.dropCaches()
     start = time.monotonic()
@@ -415,7 +415,7 @@ class _TLSStreams:
             curls.append(subprocess.Popen(
                 ["curl", "-sS", "-o", "/dev/null", "--cacert", self.ca,
                  "-r", f"{i * part}-{end - 1}", url]))
-        if any(c.wait() != 0 for c in curls):
+        if any([c.wait() != 0 for c in curls]):
             raise RuntimeError("curl from nginx failed")
 
     def ensure(self) -> bool:
