@@ -83,20 +83,24 @@ class Buffers:
         return self._out
 
     def take(self) -> mmap.mmap:
-        with self._lock:
-            self._out += 1
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, self.size)
+        return self._take(None)
 
     def tryTake(self) -> mmap.mmap | None:
         """
         A buffer, or C{None} if C{budget} buffers are out already.
         """
+        return self._take(self._budget)
+
+    def _take(self, limit: int | None) -> mmap.mmap | None:
+        # The count is checked and raised under one lock: two readers
+        # asking at once never both get the budget's last buffer.
         with self._lock:
-            if self._out >= self._budget:
+            if limit is not None and self._out >= limit:
                 return None
-        return self.take()
+            self._out += 1
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
